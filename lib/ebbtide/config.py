@@ -1,0 +1,197 @@
+"""Typed configuration: one model of every knob, loaded from conf/<env>.yaml and validated at start-up.
+
+Overrides come from the command line as dotted keys (``--set sessionize.session_gap_minutes=20``); values are
+parsed as YAML scalars so numbers and booleans keep their types. Unknown keys, wrong types and bad values stop
+the job with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot be used; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SparkConf(_Strict):
+    master: str = "local[*]"
+    app_name: str = "ebbtide"
+    # 0 = size to the cores (2 x default parallelism); a cluster sets a real number.
+    shuffle_partitions: int = Field(0, ge=0)
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
+    ui_enabled: bool = True
+    driver_memory: str = "4g"
+    # Extra spark.* settings, passed through untouched (cluster tuning lives here).
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class StorageConf(_Strict):
+    # auto: delta-spark when its classes are on the JVM classpath, else delta-rs (the embedded default).
+    engine: Literal["auto", "rs", "spark"] = "auto"
+    # Path-addressed tables live under root/<table>. With `catalog`/`schema_name` set (Databricks, Unity Catalog)
+    # tables are addressed as catalog.schema.table instead; that needs the spark engine.
+    root: str = "data/tables"
+    catalog: str | None = None
+    schema_name: str | None = None
+    # Users are hashed into this many buckets (the partition column of per-user tables). Fixed at table creation.
+    user_buckets: int = Field(8, ge=1, le=65536)
+    # Upper bound on rows per written Parquet file (Spark maxRecordsPerFile).
+    max_rows_per_file: int = Field(1_000_000, ge=1000)
+    vacuum_retention_hours: int = Field(168, ge=0)
+
+    @model_validator(mode="after")
+    def _catalog_needs_both(self) -> StorageConf:
+        if (self.catalog is None) != (self.schema_name is None):
+            raise ValueError("storage.catalog and storage.schema_name must be set together")
+        if self.catalog is not None and self.engine == "rs":
+            raise ValueError("storage.engine=rs cannot address catalog tables; use engine spark or auto")
+        return self
+
+
+class TablesConf(_Strict):
+    events: str = "events"
+    quarantine: str = "quarantine"
+    sessions: str = "sessions"
+    user_sequences: str = "user_sequences"
+    item_vocab: str = "item_vocab"
+    item_daily_counts: str = "item_daily_counts"
+
+
+class GenerateConf(_Strict):
+    out: str = "data/raw"
+    format: Literal["json", "parquet"] = "json"
+    start_date: dt.date = dt.date(2026, 11, 1)
+    days: int = Field(7, ge=1, le=3650)
+    users: int = Field(2000, ge=1)
+    items: int = Field(1000, ge=2)
+    categories: int = Field(20, ge=1)
+    zipf_exponent: float = Field(1.1, gt=0)
+    sessions_per_user_day: float = Field(0.6, gt=0)
+    events_per_session: float = Field(6.0, ge=1)
+    seconds_between_events: float = Field(45.0, gt=0)
+    # The planted ground truth: short-lived interests decay with this half-life.
+    interest_half_life_days: float = Field(2.0, gt=0)
+    short_interests_per_user: int = Field(4, ge=0, le=64)
+    short_interest_strength: float = Field(3.0, ge=0)
+    long_term_concentration: float = Field(0.3, gt=0)
+    bad_record_rate: float = Field(0.0, ge=0, le=0.5)
+    duplicate_rate: float = Field(0.0, ge=0, le=0.5)
+    late_rate: float = Field(0.0, ge=0, le=0.5)
+    missing_event_id_rate: float = Field(0.1, ge=0, le=1)
+    users_per_chunk: int = Field(5000, ge=1)
+    seed: int = 7
+
+    @model_validator(mode="after")
+    def _items_cover_categories(self) -> GenerateConf:
+        if self.items < self.categories:
+            raise ValueError(f"generate.items ({self.items}) must be >= generate.categories ({self.categories})")
+        return self
+
+
+class SessionizeConf(_Strict):
+    input: str = "data/raw"
+    format: Literal["json", "parquet", "csv"] = "json"
+    # How numeric timestamps are read: a fixed unit, or inferred per value from its magnitude.
+    epoch_unit: Literal["auto", "s", "ms", "us"] = "auto"
+    # Events before this are quarantined (historical backfills lower it).
+    ts_floor: dt.date = dt.date(2000, 1, 1)
+    # Events later than the end of the run date plus this many days are quarantined as clock-skewed.
+    max_future_days: int = Field(1, ge=0)
+    # Accepted event types and their default weights (used when a record carries no weight).
+    event_types: dict[str, float] = Field(
+        default_factory=lambda: {"view": 1.0, "click": 2.0, "cart": 3.0, "purchase": 5.0})
+    session_gap_minutes: float = Field(30.0, gt=0)
+    max_session_minutes: float = Field(240.0, gt=0)
+    max_len: int = Field(200, ge=1, le=100_000)
+    max_field_chars: int = Field(256, ge=8)
+    max_record_chars: int = Field(8192, ge=64)
+
+    @field_validator("event_types")
+    @classmethod
+    def _types_nonempty(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("at least one event type is required")
+        bad = [k for k, w in value.items() if not k or w <= 0]
+        if bad:
+            raise ValueError(f"event types need a non-empty name and a positive weight: {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _session_bounds(self) -> SessionizeConf:
+        if self.max_session_minutes < self.session_gap_minutes:
+            raise ValueError("sessionize.max_session_minutes must be >= sessionize.session_gap_minutes")
+        return self
+
+
+class Config(_Strict):
+    env: str = "local"
+    spark: SparkConf = Field(default_factory=SparkConf)
+    storage: StorageConf = Field(default_factory=StorageConf)
+    tables: TablesConf = Field(default_factory=TablesConf)
+    generate: GenerateConf = Field(default_factory=GenerateConf)
+    sessionize: SessionizeConf = Field(default_factory=SessionizeConf)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg} (got {item.get('input')!r})" if item["type"] != "extra_forbidden"
+                     else f"  {key}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(env: str | Path = "local", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load conf/<env>.yaml (or a YAML path), apply dotted overrides, validate."""
+    path = Path(env)
+    if not path.suffix:
+        path = CONF_DIR / f"{env}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
+        raise ConfigError(f"no configuration {str(env)!r}: expected {path} (known environments: {known})")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{path.name}: {_format_errors(err)}") from None

@@ -1,0 +1,125 @@
+"""The Delta tables ebbtide owns: schema, partitioning, merge keys and file layout, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyspark.sql import types as T
+
+from ebbtide.config import Config
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What the storage layer needs to know about one table."""
+
+    name: str                      # logical name (config key), also the folder / catalog table name
+    schema: T.StructType           # full schema, partition columns included
+    partition_by: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()     # MERGE key; unique per row
+    # Rows are clustered by these inside each written file, which keeps file min/max stats tight
+    # for data skipping and makes a MERGE touch fewer files.
+    sort_by: tuple[str, ...] = ()
+    # Shuffle by the partition columns before writing (one file per partition per task otherwise).
+    shuffle_by_partition: bool = False
+    properties: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data_schema(self) -> T.StructType:
+        """Columns stored inside the Parquet files (Delta keeps partition values in the log)."""
+        return T.StructType([f for f in self.schema.fields if f.name not in self.partition_by])
+
+    @property
+    def columns(self) -> list[str]:
+        return [f.name for f in self.schema.fields]
+
+
+def _s(name: str, dtype: T.DataType, nullable: bool = True) -> T.StructField:
+    return T.StructField(name, dtype, nullable)
+
+
+EVENTS_SCHEMA = T.StructType([
+    _s("event_id", T.StringType(), False),
+    _s("user_id", T.StringType(), False),
+    _s("item_id", T.StringType(), False),
+    _s("event_type", T.StringType(), False),
+    _s("ts", T.TimestampType(), False),           # UTC instant; never timestamp_ntz (see README, protocol)
+    _s("weight", T.DoubleType(), False),
+    _s("event_date", T.DateType(), False),
+    _s("ingest_date", T.DateType(), False),       # run date whose logs delivered the kept copy
+    _s("source_file", T.StringType()),
+])
+
+QUARANTINE_SCHEMA = T.StructType([
+    _s("raw", T.StringType()),
+    _s("reason", T.StringType(), False),
+    _s("message", T.StringType()),
+    _s("source_file", T.StringType()),
+    _s("run_date", T.DateType(), False),
+])
+
+SESSIONS_SCHEMA = T.StructType([
+    _s("user_id", T.StringType(), False),
+    _s("session_id", T.StringType(), False),
+    _s("start_ts", T.TimestampType(), False),
+    _s("end_ts", T.TimestampType(), False),
+    # Start of the inactivity-gap chain this session was cut from (by max session length); incremental
+    # recomputation restarts from it so that cuts do not depend on processing order.
+    _s("chain_start_ts", T.TimestampType(), False),
+    _s("n_events", T.IntegerType(), False),
+    _s("item_ids", T.ArrayType(T.StringType(), False)),
+    _s("user_bucket", T.IntegerType(), False),
+])
+
+USER_SEQUENCES_SCHEMA = T.StructType([
+    _s("user_id", T.StringType(), False),
+    _s("item_idx", T.ArrayType(T.IntegerType(), False)),
+    _s("ts", T.ArrayType(T.LongType(), False)),          # epoch seconds
+    _s("event_type", T.ArrayType(T.IntegerType(), False)),  # position in sessionize.event_types
+    _s("session_idx", T.ArrayType(T.IntegerType(), False)),  # 0 = oldest session inside the window
+    _s("weight", T.ArrayType(T.FloatType(), False)),
+    _s("n_events", T.LongType(), False),                 # all events ever, not only the window
+    _s("first_ts", T.TimestampType(), False),
+    _s("last_ts", T.TimestampType(), False),
+    _s("user_bucket", T.IntegerType(), False),
+])
+
+ITEM_VOCAB_SCHEMA = T.StructType([
+    _s("item_id", T.StringType(), False),
+    _s("item_idx", T.IntegerType(), False),
+    _s("first_seen_date", T.DateType(), False),
+    _s("n_events", T.LongType(), False),
+])
+
+ITEM_DAILY_COUNTS_SCHEMA = T.StructType([
+    _s("item_id", T.StringType(), False),
+    _s("n_events", T.LongType(), False),
+    _s("weight_sum", T.DoubleType(), False),
+    _s("event_date", T.DateType(), False),
+])
+
+# Protocol (1, 2) with no table features: readable by delta-spark 4.0, delta-rs, Databricks and DuckDB.
+# Deletion vectors stay off so both engines rewrite files the same way (see README, "Layout").
+COMMON_PROPERTIES = {"delta.enableDeletionVectors": "false"}
+
+
+def table_specs(cfg: Config) -> dict[str, TableSpec]:
+    t = cfg.tables
+    bucket_props = {**COMMON_PROPERTIES, "ebbtide.user_buckets": str(cfg.storage.user_buckets)}
+    return {
+        "events": TableSpec(t.events, EVENTS_SCHEMA, ("event_date",), ("event_id",),
+                            sort_by=("user_id", "ts"), properties=dict(COMMON_PROPERTIES)),
+        "quarantine": TableSpec(t.quarantine, QUARANTINE_SCHEMA, ("run_date",),
+                                properties=dict(COMMON_PROPERTIES)),
+        "sessions": TableSpec(t.sessions, SESSIONS_SCHEMA, ("user_bucket",), ("user_id", "session_id"),
+                              sort_by=("user_id", "start_ts"), shuffle_by_partition=True,
+                              properties=bucket_props),
+        "user_sequences": TableSpec(t.user_sequences, USER_SEQUENCES_SCHEMA, ("user_bucket",), ("user_id",),
+                                    sort_by=("user_id",), shuffle_by_partition=True,
+                                    properties=bucket_props),
+        "item_vocab": TableSpec(t.item_vocab, ITEM_VOCAB_SCHEMA, (), ("item_id",), sort_by=("item_idx",),
+                                properties=dict(COMMON_PROPERTIES)),
+        "item_daily_counts": TableSpec(t.item_daily_counts, ITEM_DAILY_COUNTS_SCHEMA, ("event_date",),
+                                       ("item_id", "event_date"), sort_by=("item_id",),
+                                       properties=dict(COMMON_PROPERTIES)),
+    }
