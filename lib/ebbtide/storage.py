@@ -125,8 +125,11 @@ class DeltaStorage(ABC):
     def version(self, spec: TableSpec) -> int: ...
 
     @abstractmethod
-    def read(self, spec: TableSpec, version: int | None = None) -> DataFrame:
-        """The latest snapshot, or a given version, as a Spark DataFrame (read from its active files)."""
+    def read(self, spec: TableSpec, version: int | None = None, where: WhereValues | None = None) -> DataFrame:
+        """The latest snapshot, or a given version, as a Spark DataFrame (read from its active files).
+
+        `where` restricts partition columns to value lists; only the matching files are read.
+        """
 
     @abstractmethod
     def active_files(self, spec: TableSpec, version: int | None = None) -> list[ActiveFile]: ...
@@ -233,8 +236,16 @@ class RsStorage(DeltaStorage):
     def active_files(self, spec: TableSpec, version: int | None = None) -> list[ActiveFile]:
         return self._files_of(spec, self._table(spec, version))
 
-    def read(self, spec: TableSpec, version: int | None = None) -> DataFrame:
-        return self._read_files(spec, self.active_files(spec, version))
+    def read(self, spec: TableSpec, version: int | None = None, where: WhereValues | None = None) -> DataFrame:
+        files = self.active_files(spec, version)
+        if where:
+            unknown = [c for c in where if c not in spec.partition_by]
+            if unknown:
+                raise StorageError(f"read of {spec.name}: {unknown} are not partition columns")
+            allowed = {c: {_partition_str(v) for v in values} for c, values in where.items()}
+            files = [f for f in files
+                     if all(_partition_str(f.partition_values[c]) in allowed[c] for c in allowed)]
+        return self._read_files(spec, files)
 
     def _read_files(self, spec: TableSpec, files: list[ActiveFile], with_file: bool = False) -> DataFrame:
         """Read exactly these files; partition values come from the Delta log, not from folder names."""
@@ -441,12 +452,13 @@ class SparkDeltaStorage(DeltaStorage):
         detail = self._detail(spec)
         return int(detail["minReaderVersion"]), int(detail["minWriterVersion"])
 
-    def read(self, spec: TableSpec, version: int | None = None) -> DataFrame:
+    def read(self, spec: TableSpec, version: int | None = None, where: WhereValues | None = None) -> DataFrame:
         reader = self.spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
         name = self._name(spec)
-        return (reader.table(name) if name else reader.load(self.location(spec))).select(*spec.columns)
+        df = (reader.table(name) if name else reader.load(self.location(spec))).select(*spec.columns)
+        return df.where(where_sql(where)) if where else df  # Delta prunes partitions from the predicate
 
     def active_files(self, spec: TableSpec, version: int | None = None) -> list[ActiveFile]:
         # inputFiles() comes from Delta's snapshot file index: the active files of that version only.
