@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from pyspark import StorageLevel
@@ -34,6 +35,13 @@ RAW_FIELDS = (*ID_FIELDS, "ts", "weight")
 REASONS = ("unparseable_record", "oversize_field", "wrong_type", "missing_user_id", "missing_item_id",
            "unparseable_timestamp", "timestamp_too_old", "timestamp_in_future", "unknown_event_type")
 MAX_MICROS = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+
+
+@contextmanager
+def _phase(name: str, run_date: dt.date):
+    started = time.perf_counter()
+    yield
+    log.info("sessionize %s: %s took %.1fs", run_date, name, time.perf_counter() - started)
 
 
 class InputError(ValueError):
@@ -113,7 +121,8 @@ def _read_json(spark: SparkSession, folder: str) -> DataFrame:
                                            F.col("_metadata.file_path").alias("source_file"))
     # A map keeps nested values as JSON text, so wrong types stay visible instead of turning into nulls.
     parsed = lines.withColumn("_m", F.from_json("raw", "MAP<STRING,STRING>"))
-    cols = [F.col("raw"), F.col("source_file"), F.col("_m").isNotNull().alias("parsed")]
+    cols = [F.col("raw"), F.length("raw").alias("record_chars"), F.col("source_file"),
+            F.col("_m").isNotNull().alias("parsed")]
     cols += [F.col("_m")[f].alias(f"{f}_s") for f in RAW_FIELDS]
     cols += [F.lit(None).cast("timestamp").alias("ts_native")]
     wrong = F.lit(False)
@@ -127,7 +136,8 @@ def _read_json(spark: SparkSession, folder: str) -> DataFrame:
 def _from_typed(df: DataFrame) -> DataFrame:
     """Parquet / CSV columns -> the common shape; column types decide what is a wrong type."""
     fields = {f.name: f.dataType for f in df.schema.fields}
-    cols = [F.to_json(F.struct(*[F.col(c) for c in df.columns])).alias("raw"),
+    # The record as JSON text is only built for rows that end up in quarantine (see typed_events).
+    cols = [F.to_json(F.struct(*[F.col(c) for c in df.columns])).alias("raw"), F.lit(0).alias("record_chars"),
             F.col("_metadata.file_path").alias("source_file"), F.lit(True).alias("parsed")]
     wrong = F.lit(False)
     for f in RAW_FIELDS:
@@ -185,7 +195,7 @@ def typed_events(raw: DataFrame, conf: SessionizeConf, run_date: dt.date) -> Dat
                     ts.alias("ts"))
     checks = [
         ("unparseable_record", ~F.col("parsed"), F.lit("not a JSON object / unreadable record")),
-        ("oversize_field", (F.length("raw") > conf.max_record_chars) | (longest > conf.max_field_chars),
+        ("oversize_field", (F.col("record_chars") > conf.max_record_chars) | (longest > conf.max_field_chars),
          F.format_string(f"a field is longer than {conf.max_field_chars} chars (longest %d) or the record "
                          f"longer than {conf.max_record_chars}", longest)),
         ("wrong_type", F.col("wrong_type"), F.lit("an id/timestamp is an object or array, or weight is not numeric")),
@@ -211,12 +221,30 @@ def typed_events(raw: DataFrame, conf: SessionizeConf, run_date: dt.date) -> Dat
     stable_id = F.substring(F.sha2(F.concat_ws("\u0001", "user_id", "item_id", "event_type",
                                                F.unix_micros("ts").cast("string")), 256), 1, 32)
     return df.select(
-        "raw", "source_file", "user_id", "item_id", "event_type", "ts",
-        reason.alias("reason"), message.alias("message"),
+        F.when(reason.isNotNull(), F.col("raw")).alias("raw"), "source_file", "user_id", "item_id", "event_type",
+        "ts", reason.alias("reason"), message.alias("message"),
         F.when(given_id != "", given_id).otherwise(stable_id).alias("event_id"),
         F.coalesce(F.col("weight_s").try_cast("double"), weights[F.col("event_type")]).alias("weight"),
         F.to_date("ts").alias("event_date"),
     )
+
+
+def dense_index(df: DataFrame, order: list[str], name: str, start: int) -> tuple[DataFrame, DataFrame]:
+    """Number rows start, start+1, ... in `order` without funnelling them through one partition: range-partition,
+    number inside each partition, add the sizes of the partitions before. Persisted, because range boundaries
+    come from sampling and must not be recomputed differently: the caller unpersists the second frame."""
+    ranged = (df.repartitionByRange(*order).sortWithinPartitions(*order)
+              .withColumn("_pid", F.spark_partition_id()).persist(StorageLevel.MEMORY_AND_DISK))
+    sizes = dict(ranged.groupBy("_pid").count().collect())
+    offsets, total = {}, 0
+    for pid in sorted(sizes):
+        offsets[pid] = total
+        total += sizes[pid]
+    offset = F.create_map(*[x for pid, off in offsets.items() for x in (F.lit(pid), F.lit(off))]) if offsets \
+        else F.create_map(F.lit(0), F.lit(0))
+    numbered = ranged.withColumn(name, (F.lit(start) + offset[F.col("_pid")] - 1 + F.row_number().over(
+        Window.partitionBy("_pid").orderBy(*order))).cast("int")).drop("_pid")
+    return numbered, ranged
 
 
 def user_bucket(n_buckets: int) -> Column:
@@ -249,18 +277,26 @@ class Sessionizer:
         raw = read_raw(self.spark, self.conf, run_date)
         typed = typed_events(raw, self.conf, run_date).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            report.read = typed.count()
-            self._write_quarantine(typed, run_date, txn, report)
-            kept = self._classify(typed, run_date, report).persist(StorageLevel.MEMORY_AND_DISK)
+            with _phase("read and validate", run_date):
+                report.read = typed.count()
+            with _phase("quarantine", run_date):
+                self._write_quarantine(typed, run_date, txn, report)
+            with _phase("dedup", run_date):
+                classified = self._classify(typed, run_date, report)
+            kept = classified.where(~F.col("status").isin("duplicate_in_batch", "duplicate_of_earlier"))
             try:
                 dates = sorted(r[0] for r in kept.select("event_date").distinct().collect())
                 if dates:
-                    self.storage.merge(self.specs["events"], kept.drop("status"), txn=txn)
-                    self._update_item_counts(dates, txn)
-                    self._update_users(kept, run_date, txn, report)
-                report.kept = self._count_written(dates, run_date)
+                    with _phase("events merge", run_date):
+                        self.storage.merge(self.specs["events"], kept.drop("status"), txn=txn)
+                    with _phase("item counts and vocab", run_date):
+                        self._update_item_counts(dates, txn)
+                    with _phase("sessions and sequences", run_date):
+                        self._update_users(kept, run_date, txn, report)
+                with _phase("verify", run_date):
+                    report.kept = self._count_written(dates, run_date)
             finally:
-                kept.unpersist()
+                classified.unpersist()
         finally:
             typed.unpersist()
         report.seconds = time.time() - started
@@ -280,30 +316,30 @@ class Sessionizer:
 
     # -- dedup and classification -------------------------------------------------------------------------
     def _classify(self, typed: DataFrame, run_date: dt.date, report: RunReport) -> DataFrame:
-        """Valid rows, one per event id, that this run keeps; counts the duplicates it drops."""
+        """Valid rows, one per event id, that this run keeps; counts the duplicates it drops (one pass)."""
         valid = typed.where(F.col("reason").isNull())
         # Deterministic pick among copies of one event id inside the batch.
-        w = Window.partitionBy("event_id").orderBy("ts", "source_file", "raw")
-        ranked = valid.withColumn("_copy", F.row_number().over(w))
-        unique = ranked.where("_copy = 1").select(
+        w = Window.partitionBy("event_id").orderBy("ts", "source_file", "user_id", "item_id", "event_type", "weight")
+        ranked = valid.withColumn("_copy", F.row_number().over(w)).select(
             "event_id", "user_id", "item_id", "event_type", "ts", "weight", "event_date",
-            F.lit(run_date).alias("ingest_date"), "source_file")
+            F.lit(run_date).alias("ingest_date"), "source_file", "_copy")
         dates = [r[0] for r in valid.select("event_date").distinct().collect()]
         events = self.specs["events"]
         existing = (self.storage.read(events, where={"event_date": dates}) if dates
                     else self.spark.createDataFrame([], events.schema))
         prior = existing.select("event_id", F.col("ingest_date").alias("_prior_ingest"))
-        classified = unique.join(prior, "event_id", "left").withColumn(
+        classified = ranked.join(prior, "event_id", "left").withColumn(
             "status",
-            F.when(F.col("_prior_ingest").isNull(), "new")
+            F.when(F.col("_copy") > 1, "duplicate_in_batch")
+            .when(F.col("_prior_ingest").isNull(), "new")
             .when(F.col("_prior_ingest") < F.lit(run_date), "duplicate_of_earlier")
             .when(F.col("_prior_ingest") > F.lit(run_date), "supersedes_later")
-            .otherwise("rerun")).drop("_prior_ingest")
+            .otherwise("rerun")).drop("_prior_ingest", "_copy").persist(StorageLevel.MEMORY_AND_DISK)
         counts = {r["status"]: r["count"] for r in classified.groupBy("status").count().collect()}
-        report.duplicates_in_batch = ranked.where("_copy > 1").count()
+        report.duplicates_in_batch = counts.get("duplicate_in_batch", 0)
         report.duplicates_of_earlier = counts.get("duplicate_of_earlier", 0)
         report.superseded_later = counts.get("supersedes_later", 0)
-        return classified.where(F.col("status") != "duplicate_of_earlier")
+        return classified
 
     def _count_written(self, dates: list[dt.date], run_date: dt.date) -> int:
         if not dates:
@@ -326,10 +362,12 @@ class Sessionizer:
         next_idx = -1 if max_idx is None else max_idx
         known = totals.join(vocab.select("item_id", "item_idx"), "item_id", "inner")
         # New items are appended after the largest index, in (first seen, id) order; indices never move.
-        fresh = totals.join(vocab.select("item_id"), "item_id", "left_anti").withColumn(
-            "item_idx", (F.lit(next_idx) + F.row_number().over(
-                Window.orderBy("first_seen_date", "item_id"))).cast("int"))
-        self.storage.merge(self.specs["item_vocab"], known.unionByName(fresh), txn=txn)
+        fresh, staged = dense_index(totals.join(vocab.select("item_id"), "item_id", "left_anti"),
+                                    ["first_seen_date", "item_id"], "item_idx", start=next_idx + 1)
+        try:
+            self.storage.merge(self.specs["item_vocab"], known.unionByName(fresh), txn=txn)
+        finally:
+            staged.unpersist()
 
     # -- sessions and sequences ---------------------------------------------------------------------------
     def _update_users(self, kept: DataFrame, run_date: dt.date, txn: AppTxn, report: RunReport) -> None:
@@ -354,7 +392,8 @@ class Sessionizer:
                 "user_id", "user_bucket", "t0", "t_max", "n_new",
                 F.date_trunc("second", F.when(F.col("p").isNotNull() & continues, F.col("p.chain_start_ts"))
                              .otherwise(F.col("t0"))).alias("from_ts"))).persist(StorageLevel.MEMORY_AND_DISK)
-            report.users_touched = starts.count()
+            with _phase("  affected users", run_date):
+                report.users_touched = starts.count()
             first_day = starts.agg(F.min("from_ts")).collect()[0][0].date()
             last_day = run_date + dt.timedelta(days=1 + conf.max_future_days)
             window_days = [first_day + dt.timedelta(days=i) for i in range((last_day - first_day).days + 1)]
@@ -362,6 +401,8 @@ class Sessionizer:
             recent = (events.join(starts.select("user_id", "from_ts"), "user_id")
                       .where(F.col("ts") >= F.col("from_ts")))
             cut = sessionize_events(recent, gap_us, max_us).persist(StorageLevel.MEMORY_AND_DISK)
+            with _phase("  cut sessions", run_date):
+                cut.count()
             try:
                 new_sessions = session_rows(cut, n_buckets)
                 stale = (sessions.join(starts.select("user_id", "from_ts"), "user_id")
@@ -369,9 +410,12 @@ class Sessionizer:
                          .join(new_sessions.select("user_id", "session_id"), ["user_id", "session_id"], "left_anti")
                          .select(*specs["sessions"].columns, F.lit(True).alias("_delete")))
                 upserts = new_sessions.withColumn("_delete", F.lit(False)).unionByName(stale)
-                self.storage.merge(specs["sessions"], upserts, delete_flag="_delete", txn=txn)
-                report.sessions_written = new_sessions.count()
-                self._update_sequences(cut, starts, buckets, txn)
+                with _phase("  sessions merge", run_date):
+                    self.storage.merge(specs["sessions"], upserts, delete_flag="_delete", txn=txn)
+                with _phase("  sessions count", run_date):
+                    report.sessions_written = new_sessions.count()
+                with _phase("  sequences", run_date):
+                    self._update_sequences(cut, starts, buckets, txn)
             finally:
                 cut.unpersist()
                 starts.unpersist()

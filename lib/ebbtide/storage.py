@@ -92,6 +92,8 @@ def where_sql(where: WhereValues) -> str:
 def clustered(spec: TableSpec, df: DataFrame) -> DataFrame:
     """Lay rows out for writing: shuffle by partition where asked, cluster by sort keys inside each file."""
     out = df.select(*spec.columns)
+    if spec.max_files:
+        out = out.coalesce(spec.max_files)
     if spec.shuffle_by_partition and spec.partition_by:
         out = out.repartition(*spec.partition_by)
     if spec.sort_by:

@@ -22,6 +22,8 @@ class TableSpec:
     sort_by: tuple[str, ...] = ()
     # Shuffle by the partition columns before writing (one file per partition per task otherwise).
     shuffle_by_partition: bool = False
+    # Cap on files per write for small unpartitioned tables (None: one file per task).
+    max_files: int | None = None
     properties: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -109,7 +111,7 @@ def table_specs(cfg: Config) -> dict[str, TableSpec]:
     return {
         "events": TableSpec(t.events, EVENTS_SCHEMA, ("event_date",), ("event_id",),
                             sort_by=("user_id", "ts"), properties=dict(COMMON_PROPERTIES)),
-        "quarantine": TableSpec(t.quarantine, QUARANTINE_SCHEMA, ("run_date",),
+        "quarantine": TableSpec(t.quarantine, QUARANTINE_SCHEMA, ("run_date",), shuffle_by_partition=True,
                                 properties=dict(COMMON_PROPERTIES)),
         "sessions": TableSpec(t.sessions, SESSIONS_SCHEMA, ("user_bucket",), ("user_id", "session_id"),
                               sort_by=("user_id", "start_ts"), shuffle_by_partition=True,
@@ -118,8 +120,8 @@ def table_specs(cfg: Config) -> dict[str, TableSpec]:
                                     sort_by=("user_id",), shuffle_by_partition=True,
                                     properties=bucket_props),
         "item_vocab": TableSpec(t.item_vocab, ITEM_VOCAB_SCHEMA, (), ("item_id",), sort_by=("item_idx",),
-                                properties=dict(COMMON_PROPERTIES)),
+                                max_files=1, properties=dict(COMMON_PROPERTIES)),
         "item_daily_counts": TableSpec(t.item_daily_counts, ITEM_DAILY_COUNTS_SCHEMA, ("event_date",),
-                                       ("item_id", "event_date"), sort_by=("item_id",),
+                                       ("item_id", "event_date"), sort_by=("item_id",), shuffle_by_partition=True,
                                        properties=dict(COMMON_PROPERTIES)),
     }

@@ -1,0 +1,152 @@
+"""`ebbtide <command>`: one entry point for the terminal, spark-submit (jobs/*.py) and notebooks."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+
+from ebbtide.config import Config, ConfigError, load_config
+
+log = logging.getLogger("ebbtide")
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ebbtide", description=__doc__)
+    parser.add_argument("--conf", default="local", help="environment (conf/<env>.yaml) or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set sessionize.session_gap_minutes=20 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("generate", help="write synthetic raw logs with a planted ground truth")
+
+    p = sub.add_parser("sessionize", help="raw logs of a run date (or range) -> Delta tables")
+    p.add_argument("--date", type=_date, required=True, help="run date (UTC)")
+    p.add_argument("--to", type=_date, help="last run date of a range, processed in order")
+    p.add_argument("--report", help="write the run reports as JSON here")
+
+    p = sub.add_parser("tables", help="row counts, versions and protocol of every table")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("maintain", help="compact small files and/or vacuum removed ones")
+    p.add_argument("--optimize", action="store_true")
+    p.add_argument("--vacuum", action="store_true")
+    p.add_argument("--retention-hours", type=int)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("py4j", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def open_pipeline(cfg: Config):
+    from ebbtide.spark import get_spark
+    from ebbtide.storage import open_storage
+
+    spark = get_spark(cfg.spark)
+    return spark, open_storage(spark, cfg.storage)
+
+
+def table_summary(cfg: Config, storage) -> list[dict]:
+    from ebbtide.tables import table_specs
+
+    out = []
+    for key, spec in table_specs(cfg).items():
+        if not storage.exists(spec):
+            out.append({"table": key, "exists": False})
+            continue
+        out.append({"table": key, "exists": True, "version": storage.version(spec),
+                    "rows": storage.read(spec).count(), "files": len(storage.active_files(spec)),
+                    "protocol": list(storage.protocol(spec))})
+    return out
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.command == "generate":
+        from ebbtide.generate import generate
+
+        truth = generate(cfg.generate)
+        print(f"wrote {truth['total_events']:,} events over {truth['days']} days to {cfg.generate.out}")
+        return 0
+
+    spark, storage = open_pipeline(cfg)
+    if args.command == "sessionize":
+        from ebbtide.sessionize import Sessionizer
+
+        reports = Sessionizer(spark, cfg, storage).run_range(args.date, args.to or args.date)
+        for report in reports:
+            print(report.line())
+        if args.report:
+            with open(args.report, "w") as fh:
+                json.dump([r.as_dict() for r in reports], fh, indent=2)
+    elif args.command == "tables":
+        summary = table_summary(cfg, storage)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            for t in summary:
+                print(f"{t['table']:<18} " + (f"v{t['version']:<4} {t['rows']:>12,} rows {t['files']:>5} files "
+                                              f"protocol {tuple(t['protocol'])}" if t["exists"] else "missing"))
+    elif args.command == "maintain":
+        from ebbtide.tables import table_specs
+
+        for spec in table_specs(cfg).values():
+            if not storage.exists(spec):
+                continue
+            if args.optimize:
+                print(spec.name, "optimize", storage.optimize(spec))
+            if args.vacuum:
+                print(spec.name, "vacuum removed", len(storage.vacuum(spec, args.retention_hours)), "files")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+    except ConfigError as err:
+        print(f"ebbtide: {err}", file=sys.stderr)
+        return 2
+    from ebbtide.sessionize import InputError, ReconciliationError
+    from ebbtide.storage import StorageError
+
+    try:
+        return run(args, cfg)
+    except (InputError, StorageError, ReconciliationError, ValueError) as err:
+        print(f"ebbtide {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+def job_main(command: str, argv: list[str] | None = None) -> int:
+    """Entry for jobs/<stage>.py: global options may come in any position, e.g.
+    `jobs/sessionize.py --date 2026-11-01 --conf cluster --set storage.user_buckets=4096`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    global_args, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--conf", "--set") and i + 1 < len(argv):
+            global_args += argv[i:i + 2]
+            i += 2
+            continue
+        (global_args if arg.startswith(("--conf=", "--set=")) or arg in ("-v", "--verbose") else rest).append(arg)
+        i += 1
+    return main([*global_args, command, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
