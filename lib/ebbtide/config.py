@@ -135,6 +135,52 @@ class SessionizeConf(_Strict):
         return self
 
 
+class TrainConf(_Strict):
+    models: list[Literal["decay_pool", "gru", "lstm", "decay_transformer", "long_short"]] = Field(
+        default_factory=lambda: ["decay_pool", "gru", "decay_transformer", "long_short"])
+    output: str = "data/models"          # one folder per model and version
+    dim: int = Field(64, ge=4)
+    max_len: int = Field(50, ge=2)       # history window fed to the models (<= sessionize.max_len)
+    epochs: int = Field(5, ge=1)
+    max_steps: int = Field(0, ge=0)      # 0 = no cap; else stop after this many optimizer steps in total
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    clip_norm: float = Field(1.0, gt=0)
+    # Full softmax up to this many items; above it, sampled softmax with log-Q correction and in-batch negatives.
+    full_softmax_max_items: int = Field(50_000, ge=1)
+    shuffle_buffer: int = Field(1024, ge=0)
+    reader_workers: int = Field(2, ge=1)
+    seed: int = 13
+    log_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    patience: int = Field(2, ge=1)        # epochs without validation NDCG@10 gain before early stop
+    resume: bool = True
+    num_processes: int = Field(1, ge=1)   # >1: DDP through TorchDistributor
+    use_gpu: bool = False
+    split: Literal["temporal", "leave_one_out"] = "temporal"
+    # temporal split: train before cutoff (default: last data day - val_days - test_days + 1)
+    cutoff: dt.date | None = None
+    val_days: int = Field(1, ge=1)
+    test_days: int = Field(1, ge=1)
+
+
+class EvaluateConf(_Strict):
+    ks: list[int] = Field(default_factory=lambda: [10, 20])
+    exclude_seen: bool = True
+    popularity_half_life_days: float = Field(2.0, gt=0)
+    sar_half_life_days: float = Field(7.0, gt=0)
+    output: str = "data/reports"
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("ks must be a non-empty list of positive cut-offs")
+        return sorted(set(value))
+
+
 class Config(_Strict):
     env: str = "local"
     spark: SparkConf = Field(default_factory=SparkConf)
@@ -142,6 +188,15 @@ class Config(_Strict):
     tables: TablesConf = Field(default_factory=TablesConf)
     generate: GenerateConf = Field(default_factory=GenerateConf)
     sessionize: SessionizeConf = Field(default_factory=SessionizeConf)
+    train: TrainConf = Field(default_factory=TrainConf)
+    evaluate: EvaluateConf = Field(default_factory=EvaluateConf)
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> Config:
+        if self.train.max_len > self.sessionize.max_len:
+            raise ValueError(f"train.max_len ({self.train.max_len}) cannot exceed sessionize.max_len "
+                             f"({self.sessionize.max_len}): sequences keep only that many events")
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,0 +1,97 @@
+"""The interface every interest model shares.
+
+A batch is a padded history: item indices (0 = padding, so vocabulary index i is stored as i + 1), event times in
+seconds, event types, session indices and lengths. Each model maps (history, query time) -> a user embedding;
+items share one embedding table and score = dot product. The query time matters: the same history yields a
+different embedding a week later, because interest decays while the user is idle.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DAY_SECONDS = 86_400.0
+
+
+@dataclass
+class Batch:
+    items: torch.Tensor       # (B, L) long, 0 = padding, else vocab index + 1
+    ts: torch.Tensor          # (B, L) float64/float32 seconds (relative to any origin; only differences matter)
+    types: torch.Tensor       # (B, L) long event type code
+    sessions: torch.Tensor    # (B, L) long session index (0 = oldest in window)
+    lengths: torch.Tensor     # (B,) long
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in
+                       (self.items, self.ts, self.types, self.sessions, self.lengths)))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.items > 0
+
+
+class InterestModel(nn.Module, ABC):
+    """Base: item table, scoring, and the two encoders every model implements through `encode_positions`."""
+
+    name = "base"
+
+    def __init__(self, n_items: int, dim: int = 64, n_types: int = 4):
+        super().__init__()
+        self.n_items = n_items
+        self.dim = dim
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.type_emb = nn.Embedding(n_types + 1, dim)
+        nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    # -- what a model implements ------------------------------------------------------------------------
+    @abstractmethod
+    def encode_positions(self, batch: Batch, t_query: torch.Tensor) -> torch.Tensor:
+        """User embedding after each position i of the history, queried at t_query[:, i]: (B, L, d).
+
+        Position i may only use events 0..i (causal). Training queries position i at the time of event i+1.
+        """
+
+    # -- shared ----------------------------------------------------------------------------------------
+    def forward(self, batch: Batch, t_query: torch.Tensor) -> torch.Tensor:
+        """DDP hooks run on forward(): training calls the model, which encodes every position."""
+        return self.encode_positions(batch, t_query)
+
+    def encode(self, batch: Batch, t_query: torch.Tensor) -> torch.Tensor:
+        """User embedding as of t_query (B,) given the whole history: (B, d)."""
+        q = t_query.to(batch.ts.dtype).unsqueeze(1).expand_as(batch.ts)
+        per_position = self.encode_positions(batch, q)
+        last = (batch.lengths - 1).clamp(min=0)
+        return per_position[torch.arange(len(last), device=last.device), last]
+
+    def item_embeddings(self) -> torch.Tensor:
+        """(n_items, d): row i is vocabulary index i."""
+        return self.item_emb.weight[1:]
+
+    def score(self, user: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        table = self.item_embeddings() if items is None else self.item_emb(items + 1)
+        return user @ table.T if items is None or items.dim() == 1 else (user.unsqueeze(-2) * table).sum(-1)
+
+    def embed_events(self, batch: Batch) -> torch.Tensor:
+        return self.item_emb(batch.items) + self.type_emb(batch.types.clamp(min=0))
+
+    def decay_report(self) -> dict[str, list[float]]:
+        """Learned time scales, as half-lives in days (models without explicit decay report none)."""
+        return {}
+
+
+def elapsed_days(t_query: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """(B, Lq, Lk) non-negative days from each key event to each query time."""
+    return ((t_query.unsqueeze(-1) - ts.unsqueeze(-2)) / DAY_SECONDS).clamp(min=0).float()
+
+
+def causal_mask(batch: Batch) -> torch.Tensor:
+    """(B, L, L) True where query position i may see key position j: j <= i and j is not padding."""
+    length = batch.items.shape[1]
+    tri = torch.ones(length, length, dtype=torch.bool, device=batch.items.device).tril()
+    return tri.unsqueeze(0) & batch.mask.unsqueeze(1)
