@@ -132,7 +132,7 @@ def training_reader(snapshot: Snapshot, max_len: int, rank: int, world_size: int
     return make_batch_reader(
         list(snapshot.files), schema_fields=SEQUENCE_COLUMNS,
         transform_spec=make_transform_spec(max_len, before, drop_last),
-        shuffle_row_groups=True, seed=seed + epoch, shard_seed=seed,
+        shuffle_row_groups=True, seed=seed + epoch,
         cur_shard=rank if world_size > 1 else None, shard_count=world_size if world_size > 1 else None,
         num_epochs=1, reader_pool_type="thread", workers_count=workers)
 

@@ -176,6 +176,7 @@ class WorkerArgs:
     item_log_q: list[float] | None
     run_dir: str
     stop_after_steps: int = 0        # tests: simulate a killed run after this many steps
+    record_rows: bool = False        # tests: report a fingerprint of every sequence each rank read
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -243,6 +244,8 @@ def train_worker(args_dict: dict) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
     progress = _progress(rank, total_steps, step, args.model_name)
     started, seen_sequences = time.perf_counter(), 0
+    losses: list[float] = []
+    fingerprints: list[int] = []
     stop = False
     while epoch < t.epochs and not stop:
         reader = training_reader(snapshot, t.max_len, rank, world, epoch, t.seed, split.train_before,
@@ -259,6 +262,8 @@ def train_worker(args_dict: dict) -> dict:
                     if batches_in_epoch == skip and rng_after_skip is not None:
                         _set_rng_state(rng_after_skip)
                     continue
+                if args.record_rows:
+                    fingerprints += [hash(row.tobytes()) for row in batch.ts.numpy()]
                 batch = batch.to(device)
                 with autocast:
                     loss, n_targets = next_item_loss(ddp, batch, full_softmax, log_q)
@@ -271,6 +276,7 @@ def train_worker(args_dict: dict) -> dict:
                 batches_in_epoch += 1
                 seen_sequences += len(batch.lengths)
                 last_loss = float(loss.detach())
+                losses.append(last_loss)
                 progress.update(1, last_loss)
                 if rank == 0 and step % t.log_every == 0:
                     rate = seen_sequences * world / (time.perf_counter() - started)
@@ -307,7 +313,16 @@ def train_worker(args_dict: dict) -> dict:
     summary = {"rank": rank, "world_size": world, "steps": step, "epochs": epoch, "best_val_ndcg@10": best,
                "best_epoch": best_epoch, "history": history, "train_seconds": elapsed,
                "sequences_per_s": seen_sequences * world / max(elapsed, 1e-9), "device": str(device),
-               "final_params_checksum": float(sum(p.detach().double().sum() for p in model.parameters()))}
+               "final_params_checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
+               "losses": losses}
+    if world > 1:  # every rank reaches this point: gather what each one saw, for the caller (rank 0's return)
+        gathered: list = [None] * world
+        torch_dist.all_gather_object(gathered, {"checksum": summary["final_params_checksum"],
+                                                "rows": fingerprints, "losses": losses})
+        summary["per_rank"] = gathered
+    elif args.record_rows:
+        summary["per_rank"] = [{"checksum": summary["final_params_checksum"], "rows": fingerprints,
+                                "losses": losses}]
     if rank == 0 and (run_dir / "best.pt").exists():
         model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True))
         summary["model_state_path"] = str(run_dir / "best.pt")
@@ -428,7 +443,7 @@ def train_models(cfg: Config, storage, snapshot_version: int | None = None) -> d
                       "train": cfg.train.model_dump(mode="json")}
         meta = {"data_snapshot_version": snapshot.version, "vocab_version": snapshot.vocab_version,
                 "split": split.as_dict(), "decay": model.decay_report(),
-                "metrics": {k: v for k, v in summary.items() if k not in ("model_state_path",)}}
+                "metrics": {k: v for k, v in summary.items() if k not in ("model_state_path", "per_rank")}}
         path = write_artifact(Path(cfg.train.output), model, model_conf, meta)
         _log_mlflow(cfg, name, model_conf, meta, path)
         artifacts[name] = path
