@@ -35,6 +35,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_sessionize.py
+	$(BIN)/python bench/bench_train.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lib jobs tests bench tools

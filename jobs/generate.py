@@ -3,7 +3,7 @@
     spark-submit --packages io.delta:delta-spark_2.13:4.0.1 \
       --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension \
       --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog \
-      jobs/generate.py --conf cluster 
+      jobs/generate.py --conf cluster
 """
 
 import sys

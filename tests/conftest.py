@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from ebbtide.config import load_config
 from ebbtide.spark import get_spark
 

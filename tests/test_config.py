@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from ebbtide.cli import job_main
 from ebbtide.config import ConfigError, load_config
 

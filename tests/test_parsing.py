@@ -5,12 +5,11 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from pyspark.sql import functions as F
-from pyspark.sql import types as T
-
 from ebbtide.sessionize import Sessionizer, parse_timestamp
 from ebbtide.storage import open_storage
 from ebbtide.tables import table_specs
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 UTC = dt.timezone.utc
 NOON = dt.datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

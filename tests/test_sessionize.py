@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 
 import pytest
-from helpers import sequences_by_item_id, table_rows
-
 from ebbtide.generate import generate
 from ebbtide.sessionize import InputError, Sessionizer
 from ebbtide.storage import open_storage
 from ebbtide.tables import table_specs
+from helpers import sequences_by_item_id, table_rows
 
 START = dt.date(2026, 11, 1)
 DAYS = [START + dt.timedelta(days=i) for i in range(3)]

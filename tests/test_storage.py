@@ -7,10 +7,9 @@ import json
 import os
 
 import pytest
-from pyspark.sql import types as T
-
 from ebbtide.storage import AppTxn, RsStorage, StorageError, TableConflictError, open_storage
 from ebbtide.tables import TableSpec
+from pyspark.sql import types as T
 
 SCHEMA = T.StructType([
     T.StructField("k", T.StringType(), False),

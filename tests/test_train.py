@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from ebbtide.config import load_config
 from ebbtide.evaluate import BASELINES, EvalSet, evaluate_all, rank_metrics
 from ebbtide.feed import pin_snapshot, torch_batches, training_reader
@@ -18,8 +17,16 @@ from ebbtide.models import MODELS, Batch, build_model
 from ebbtide.models.base import DAY_SECONDS
 from ebbtide.sessionize import Sessionizer
 from ebbtide.storage import open_storage
-from ebbtide.train import (SplitPlan, WorkerArgs, launch, load_artifact, next_item_loss, train_models,
-                           train_worker, write_artifact)
+from ebbtide.train import (
+    SplitPlan,
+    WorkerArgs,
+    launch,
+    load_artifact,
+    next_item_loss,
+    train_models,
+    train_worker,
+    write_artifact,
+)
 
 START = dt.date(2026, 11, 1)
 

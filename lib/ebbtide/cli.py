@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import sys
+from pathlib import Path
 
 from ebbtide.config import Config, ConfigError, load_config
 
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", type=_date, required=True, help="run date (UTC)")
     p.add_argument("--to", type=_date, help="last run date of a range, processed in order")
     p.add_argument("--report", help="write the run reports as JSON here")
+
+    p = sub.add_parser("train", help="train the configured models on a pinned user_sequences snapshot")
+    p.add_argument("--snapshot-version", type=int, help="user_sequences version (default: latest)")
+
+    p = sub.add_parser("evaluate", help="full-ranking metrics of the latest models and the baselines + report")
+    p.add_argument("--out", help="report folder (default evaluate.output)")
 
     p = sub.add_parser("tables", help="row counts, versions and protocol of every table")
     p.add_argument("--json", action="store_true")
@@ -92,6 +99,16 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         if args.report:
             with open(args.report, "w") as fh:
                 json.dump([r.as_dict() for r in reports], fh, indent=2)
+    elif args.command == "train":
+        from ebbtide.train import train_models
+
+        for name, path in train_models(cfg, storage, args.snapshot_version).items():
+            print(f"{name}: {path}")
+    elif args.command == "evaluate":
+        from ebbtide.evaluate import evaluate_all
+
+        result = evaluate_all(cfg, storage, out_dir=args.out)
+        print(Path(result["report"]).read_text())
     elif args.command == "tables":
         summary = table_summary(cfg, storage)
         if args.json:

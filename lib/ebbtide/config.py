@@ -67,6 +67,9 @@ class TablesConf(_Strict):
     user_sequences: str = "user_sequences"
     item_vocab: str = "item_vocab"
     item_daily_counts: str = "item_daily_counts"
+    user_interest: str = "user_interest"
+    item_embeddings: str = "item_embeddings"
+    user_recommendations: str = "user_recommendations"
 
 
 class GenerateConf(_Strict):
@@ -181,6 +184,17 @@ class EvaluateConf(_Strict):
         return sorted(set(value))
 
 
+class NightlyConf(_Strict):
+    model: Literal["decay_pool", "gru", "lstm", "decay_transformer", "long_short"] = "decay_pool"
+    model_version: str | None = None     # an artifact folder; default: the latest of `model`
+    top_k: int = Field(20, ge=1)
+    retention_days: int = Field(30, ge=1)   # users with an event in this horizon get an embedding
+    batch_size: int = Field(1024, ge=1)
+    item_block: int = Field(65_536, ge=1)   # items per block of the top-K matrix product
+    exclude_consumed: bool = True
+    incremental: bool = True
+
+
 class Config(_Strict):
     env: str = "local"
     spark: SparkConf = Field(default_factory=SparkConf)
@@ -190,6 +204,7 @@ class Config(_Strict):
     sessionize: SessionizeConf = Field(default_factory=SessionizeConf)
     train: TrainConf = Field(default_factory=TrainConf)
     evaluate: EvaluateConf = Field(default_factory=EvaluateConf)
+    nightly: NightlyConf = Field(default_factory=NightlyConf)
 
     @model_validator(mode="after")
     def _window_fits(self) -> Config:

@@ -4,8 +4,8 @@ day into Delta tables on the embedded engine, printing the reconciliation and pe
 from __future__ import annotations
 
 import argparse
-import logging
 import datetime as dt
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     cfg = load_config(args.conf, [f"generate.out={out / 'raw'}", f"sessionize.input={out / 'raw'}",
                                   f"sessionize.format={'json'}", f"storage.root={out / 'tables'}",
+                                  f"train.output={out / 'models'}", f"evaluate.output={out / 'report'}",
                                   *args.overrides])
     shutil.rmtree(out, ignore_errors=True)
 
@@ -57,6 +58,23 @@ def main(argv: list[str] | None = None) -> int:
     q = storage.read(specs["quarantine"]).first()
     if q is not None:
         print(f"\n== a quarantined record ({q.reason}): {q.message}\n  raw: {q.raw[:120]}")
+
+    from ebbtide.evaluate import evaluate_all
+    from ebbtide.train import train_models
+
+    print(f"\n== train {', '.join(cfg.train.models)} (CPU, {cfg.train.epochs} epochs max, "
+          f"{cfg.train.num_processes} process(es))")
+    artifacts = train_models(cfg, storage)
+    result = evaluate_all(cfg, storage, artifacts)
+    print(f"\n== evaluation on the test split ({result['users']:,} users, full ranking) -> {result['report']}")
+    ks = cfg.evaluate.ks
+    print(f"  {'scorer':<24}" + "".join(f"{f'HR@{k}':>9}{f'NDCG@{k}':>9}{f'MRR@{k}':>9}" for k in ks))
+    for name, r in result["results"].items():
+        print(f"  {name:<24}" + "".join(f"{r[f'hr@{k}']:>9.4f}{r[f'ndcg@{k}']:>9.4f}{r[f'mrr@{k}']:>9.4f}"
+                                        for k in ks))
+    print(f"  planted half-life {g.interest_half_life_days} days; learned: " + "; ".join(
+        f"{n} " + ", ".join(f"{h:.2f}d" for h in d["half_life_days"])
+        for n, d in result["decay"].items() if "half_life_days" in d))
     return 0
 
 

@@ -348,7 +348,7 @@ def write_report(out: Path, results: dict, decay: dict, loaded: dict, truth: dic
         for key, values in d.items():
             lines.append(f"- {name} {key}: " + ", ".join(f"{v:.3f}" for v in values))
     lines += ["", "## Training", ""]
-    for name, (_, conf, meta) in loaded.items():
+    for name, (_, _, meta) in loaded.items():
         m = meta["metrics"]
         lines.append(f"- {name}: {m.get('steps')} steps, {m.get('epochs')} epochs, best val NDCG@10 "
                      f"{m.get('best_val_ndcg@10', float('nan')):.4f}, {m.get('sequences_per_s', 0):.0f} sequences/s "

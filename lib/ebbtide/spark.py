@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from pyspark.sql import SparkSession
 
@@ -28,8 +29,11 @@ def get_spark(conf: SparkConf) -> SparkSession:
         builder = builder.master("local[*]")
     if local:
         under_test = "PYTEST_CURRENT_TEST" in os.environ or os.environ.get("CI") == "true"
+        # Python workers must run this interpreter (the virtualenv with ebbtide), not whatever python3 is on PATH.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         builder = (
             builder.config("spark.driver.memory", conf.driver_memory)
+            .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
             .config("spark.ui.enabled", str(conf.ui_enabled and not under_test).lower())
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.sql.session.timeZone", "UTC")

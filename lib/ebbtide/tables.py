@@ -100,6 +100,37 @@ ITEM_DAILY_COUNTS_SCHEMA = T.StructType([
     _s("event_date", T.DateType(), False),
 ])
 
+USER_INTEREST_SCHEMA = T.StructType([
+    _s("user_id", T.StringType(), False),
+    _s("as_of", T.DateType(), False),
+    _s("model_version", T.StringType(), False),
+    _s("embedding", T.ArrayType(T.FloatType(), False)),
+    _s("norm", T.FloatType(), False),
+    _s("n_events", T.LongType(), False),                 # events before the end of as_of
+    _s("last_event_ts", T.TimestampType(), False),
+    # Per-timescale decay state (K x d, row-major) and mass (K) at updated_at; empty for models without one.
+    _s("decay_state", T.ArrayType(T.FloatType(), False)),
+    _s("decay_mass", T.ArrayType(T.FloatType(), False)),
+    _s("updated_at", T.TimestampType(), False),          # the instant the state refers to: end of as_of (UTC)
+    _s("user_bucket", T.IntegerType(), False),
+])
+
+ITEM_EMBEDDINGS_SCHEMA = T.StructType([
+    _s("item_id", T.StringType(), False),
+    _s("item_idx", T.IntegerType(), False),
+    _s("embedding", T.ArrayType(T.FloatType(), False)),
+    _s("model_version", T.StringType(), False),
+])
+
+USER_RECOMMENDATIONS_SCHEMA = T.StructType([
+    _s("user_id", T.StringType(), False),
+    _s("rank", T.IntegerType(), False),
+    _s("item_id", T.StringType(), False),
+    _s("score", T.FloatType(), False),
+    _s("model_version", T.StringType(), False),
+    _s("as_of", T.DateType(), False),
+])
+
 # Protocol (1, 2) with no table features: readable by delta-spark 4.0, delta-rs, Databricks and DuckDB.
 # Deletion vectors stay off so both engines rewrite files the same way (see README, "Layout").
 COMMON_PROPERTIES = {"delta.enableDeletionVectors": "false"}
@@ -124,4 +155,12 @@ def table_specs(cfg: Config) -> dict[str, TableSpec]:
         "item_daily_counts": TableSpec(t.item_daily_counts, ITEM_DAILY_COUNTS_SCHEMA, ("event_date",),
                                        ("item_id", "event_date"), sort_by=("item_id",), shuffle_by_partition=True,
                                        properties=dict(COMMON_PROPERTIES)),
+        "user_interest": TableSpec(t.user_interest, USER_INTEREST_SCHEMA, ("user_bucket",), ("user_id",),
+                                   sort_by=("user_id",), shuffle_by_partition=True, properties=bucket_props),
+        "item_embeddings": TableSpec(t.item_embeddings, ITEM_EMBEDDINGS_SCHEMA, ("model_version",),
+                                     ("item_id", "model_version"), sort_by=("item_idx",), shuffle_by_partition=True,
+                                     properties=dict(COMMON_PROPERTIES)),
+        "user_recommendations": TableSpec(t.user_recommendations, USER_RECOMMENDATIONS_SCHEMA, ("as_of",),
+                                          ("user_id", "as_of", "rank"), sort_by=("user_id", "rank"),
+                                          properties=dict(COMMON_PROPERTIES)),
     }
