@@ -36,6 +36,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_sessionize.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_nightly.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lib jobs tests bench tools

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from ebbtide.config import load_config
 from ebbtide.generate import generate
 from ebbtide.nightly import Nightly, NightlyCheckError, VersionMismatchError, top_k

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="full-ranking metrics of the latest models and the baselines + report")
     p.add_argument("--out", help="report folder (default evaluate.output)")
 
+    p = sub.add_parser("nightly", help="interest embeddings and top-K recommendations as of a date")
+    p.add_argument("--as-of", type=_date, required=True, help="the run date (embeddings as of its end, UTC)")
+    p.add_argument("--to", type=_date, help="last date of a range, processed in order")
+    p.add_argument("--full", action="store_true", help="re-encode every user instead of rescaling stored states")
+    p.add_argument("--model-version", help="an artifact folder (default: latest of nightly.model)")
+
     p = sub.add_parser("tables", help="row counts, versions and protocol of every table")
     p.add_argument("--json", action="store_true")
 
@@ -109,6 +115,15 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
 
         result = evaluate_all(cfg, storage, out_dir=args.out)
         print(Path(result["report"]).read_text())
+    elif args.command == "nightly":
+        from ebbtide.nightly import Nightly
+
+        if args.model_version:
+            cfg.nightly.model_version = args.model_version
+        job = Nightly(spark, cfg, storage)
+        last = args.to or args.as_of
+        for i in range((last - args.as_of).days + 1):
+            print(job.run(args.as_of + dt.timedelta(days=i), full=args.full).line())
     elif args.command == "tables":
         summary = table_summary(cfg, storage)
         if args.json:
@@ -139,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ebbtide: {err}", file=sys.stderr)
         return 2
+    from ebbtide.nightly import NightlyCheckError
     from ebbtide.sessionize import InputError, ReconciliationError
     from ebbtide.storage import StorageError
 
     try:
         return run(args, cfg)
-    except (InputError, StorageError, ReconciliationError, ValueError) as err:
+    except (InputError, StorageError, ReconciliationError, NightlyCheckError, FileNotFoundError, ValueError) as err:
         print(f"ebbtide {args.command}: {err}", file=sys.stderr)
         return 1
 

@@ -148,6 +148,7 @@ class TrainConf(_Strict):
     max_steps: int = Field(0, ge=0)      # 0 = no cap; else stop after this many optimizer steps in total
     batch_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0)
+    decay_lr_multiplier: float = Field(10.0, gt=0)   # learning-rate factor for the time-scale parameters
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(20, ge=0)
     clip_norm: float = Field(1.0, gt=0)

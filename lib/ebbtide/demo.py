@@ -75,6 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  planted half-life {g.interest_half_life_days} days; learned: " + "; ".join(
         f"{n} " + ", ".join(f"{h:.2f}d" for h in d["half_life_days"])
         for n, d in result["decay"].items() if "half_life_days" in d))
+
+    from ebbtide.nightly import Nightly
+
+    nightly = Nightly(spark, cfg, storage)
+    last_day = g.start_date + dt.timedelta(days=g.days - 1)
+    nights = [last_day + dt.timedelta(days=i) for i in range(4)]
+    print(f"\n== nightly {cfg.nightly.model}: {nights[0]} (full encode), then {len(nights) - 1} idle nights "
+          "(decay states rescaled, no re-encoding)")
+    user = seq.user_id
+    half_lives = next((d["half_life_days"] for n, d in result["decay"].items() if n == cfg.nightly.model), None)
+    for night in nights:
+        print("  " + nightly.run(night).line())
+        row = storage.read(specs["user_interest"]).where(f"user_id = '{user}'").first()
+        recs = storage.read(specs["user_recommendations"], where={"as_of": [night]}) \
+            .where(f"user_id = '{user}'").orderBy("rank").limit(5).collect()
+        masses = ", ".join(f"{m:.3f}" for m in row.decay_mass) if row.decay_mass else "n/a"
+        print(f"    {user} as of {night}: interest mass per timescale ({', '.join(f'{h:.2f}d' for h in half_lives or [])})"
+              f" = [{masses}], |u| = {row.norm:.3f}; top items: {', '.join(r.item_id for r in recs)}")
     return 0
 
 

@@ -66,19 +66,7 @@ class EvalSet:
                 continue
             rows.append((np.asarray(it[:pos]), ts[:pos], np.asarray(ty[:pos]), np.asarray(se[:pos]),
                          int(it[pos]), ts[pos]))
-        n = len(rows)
-        items = np.zeros((n, max_len), np.int64)
-        times = np.zeros((n, max_len), np.float64)
-        types = np.zeros((n, max_len), np.int64)
-        sessions = np.zeros((n, max_len), np.int64)
-        lengths = np.zeros(n, np.int64)
-        for r, (it, ts, ty, se, _, _) in enumerate(rows):
-            k = min(len(it), max_len)
-            items[r, :k], times[r, :k] = it[-k:] + 1, ts[-k:]
-            types[r, :k], sessions[r, :k] = ty[-k:], se[-k:]
-            lengths[r] = k
-        batch = Batch(torch.from_numpy(items), torch.from_numpy(times), torch.from_numpy(types),
-                      torch.from_numpy(sessions), torch.from_numpy(lengths))
+        batch = Batch.from_histories([r[:4] for r in rows], max_len)
         full = pd.DataFrame({"items": [r[0] for r in rows], "ts": [r[1] for r in rows],
                              "types": [r[2] for r in rows]})
         train = pd.DataFrame({"items": [r[0] for r in train_rows], "ts": [r[1] for r in train_rows],

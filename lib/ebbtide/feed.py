@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from ebbtide.models.base import Batch
+from ebbtide.models.base import Batch, pad_arrays
 
 log = logging.getLogger(__name__)
 # petastorm 0.13 drives pyarrow's legacy ParquetDataset API (the reason pyarrow is pinned < 15): silence the
@@ -83,24 +83,13 @@ def pad_histories(frame: pd.DataFrame, max_len: int, before: float | None = None
     `before` keeps events strictly before that time (seconds); `drop_last` removes the last n events
     (leave-one-out). Rows left with fewer than min_events events are dropped.
     """
-    n = len(frame)
-    items = np.zeros((n, max_len), dtype=np.int64)
-    ts = np.zeros((n, max_len), dtype=np.float64)
-    types = np.zeros((n, max_len), dtype=np.int64)
-    sessions = np.zeros((n, max_len), dtype=np.int64)
-    lengths = np.zeros(n, dtype=np.int64)
-    for row, (it, t, ty, se) in enumerate(zip(*(frame[c].values for c in SEQUENCE_COLUMNS))):
+    histories = []
+    for it, t, ty, se in zip(*(frame[c].values for c in SEQUENCE_COLUMNS)):
         t = np.asarray(t, dtype=np.float64)
         end = len(t) if before is None else int(np.searchsorted(t, before, side="left"))
         end = max(0, end - drop_last)
-        start = max(0, end - max_len)
-        k = end - start
-        lengths[row] = k
-        if k:
-            items[row, :k] = np.asarray(it[start:end], dtype=np.int64) + 1   # 0 is padding
-            ts[row, :k] = t[start:end]
-            types[row, :k] = np.asarray(ty[start:end], dtype=np.int64)
-            sessions[row, :k] = np.asarray(se[start:end], dtype=np.int64)
+        histories.append((np.asarray(it[:end]), t[:end], np.asarray(ty[:end]), np.asarray(se[:end])))
+    items, ts, types, sessions, lengths = pad_arrays(histories, max_len)
     keep = lengths >= min_events
     return pd.DataFrame({"items": list(items[keep]), "ts": list(ts[keep]), "types": list(types[keep]),
                          "sessions": list(sessions[keep]), "length": lengths[keep]})

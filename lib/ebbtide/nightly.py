@@ -152,7 +152,7 @@ def _infer_batch(frame: pd.DataFrame, model, item_table, n_items, max_len, has_s
             masses = torch.zeros(n, K, dtype=torch.float64)
             enc = np.nonzero(~rescale)[0]
             if len(enc):
-                batch = _pad([histories[i] for i in enc], max_len)
+                batch = Batch.from_histories([histories[i] for i in enc], max_len)
                 s, m = model.final_state(batch, torch.full((len(enc),), t_query, dtype=torch.float64))
                 states[enc], masses[enc] = s, m
             res = np.nonzero(rescale)[0]
@@ -168,7 +168,7 @@ def _infer_batch(frame: pd.DataFrame, model, item_table, n_items, max_len, has_s
             state_out = states32.reshape(n, -1).numpy()
             mass_out = masses32.numpy()
         else:
-            batch = _pad(histories, max_len)
+            batch = Batch.from_histories(histories, max_len)
             users = model.encode(batch, torch.full((n,), t_query, dtype=torch.float64)).float()
             state_out = np.zeros((n, 0), np.float32)
             mass_out = np.zeros((n, 0), np.float32)
@@ -182,22 +182,6 @@ def _infer_batch(frame: pd.DataFrame, model, item_table, n_items, max_len, has_s
         "decay_state": list(state_out), "decay_mass": list(mass_out),
         "rec_items": list(rec_items.numpy().astype(np.int32)), "rec_scores": list(rec_scores.numpy()),
         "expected_recs": np.array([min(k, n_items - len(c)) for c in consumed], np.int32), "finite": finite})
-
-
-def _pad(histories, max_len: int) -> Batch:
-    n = len(histories)
-    items = np.zeros((n, max_len), np.int64)
-    ts = np.zeros((n, max_len), np.float64)
-    types = np.zeros((n, max_len), np.int64)
-    sessions = np.zeros((n, max_len), np.int64)
-    lengths = np.zeros(n, np.int64)
-    for r, (it, t, ty, se) in enumerate(histories):
-        m = min(len(it), max_len)
-        if m:
-            items[r, :m], ts[r, :m] = it[-m:] + 1, t[-m:]
-            types[r, :m], sessions[r, :m] = ty[-m:], se[-m:]
-        lengths[r] = m
-    return Batch(*(torch.from_numpy(a) for a in (items, ts, types, sessions, lengths)))
 
 
 class Nightly:

@@ -92,6 +92,21 @@ def next_item_loss(model: InterestModel, batch: Batch, full_softmax: bool,
     return F.cross_entropy(logits.float(), label), int(targets.numel())
 
 
+DECAY_PARAMETERS = ("log_tau", "mix_logits", "log_pseudo_count", "log_rate", "type_weight")
+
+
+def param_groups(model: InterestModel, lr: float, decay_multiplier: float) -> list[dict]:
+    """The few scalar time-scale parameters get a larger learning rate and no weight decay: they move on a log
+    scale and would otherwise barely leave their initial values in a short run."""
+    scalars = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in DECAY_PARAMETERS]
+    ids = {id(p) for p in scalars}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": rest}]
+    if scalars:
+        groups.append({"params": scalars, "lr": lr * decay_multiplier, "weight_decay": 0.0})
+    return groups
+
+
 def lr_lambda(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -208,7 +223,8 @@ def train_worker(args_dict: dict) -> dict:
     torch.manual_seed(t.seed)           # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(args.model_name, snapshot.n_items, args.n_types, t.dim, t.max_len).to(device)
     ddp = DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.decay_lr_multiplier), lr=t.lr,
+                                  weight_decay=t.weight_decay)
     rows = sum(_num_rows(f) for f in snapshot.files)
     steps_per_epoch = max(1, math.ceil(rows / world / t.batch_size))
     total_steps = t.epochs * steps_per_epoch if not t.max_steps else min(t.max_steps, t.epochs * steps_per_epoch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,31 @@ class Batch:
     @property
     def mask(self) -> torch.Tensor:
         return self.items > 0
+
+    @staticmethod
+    def from_histories(histories, max_len: int) -> Batch:
+        """[(items, ts, types, sessions), ...] variable-length numpy histories -> a padded batch."""
+        return Batch(*(torch.from_numpy(a) for a in pad_arrays(histories, max_len)))
+
+
+def pad_arrays(histories, max_len: int) -> tuple[np.ndarray, ...]:
+    """Right-padded (n, max_len) arrays keeping the most recent max_len events; item index i is stored as i + 1
+    (0 = padding). Returns items, ts, types, sessions, lengths."""
+    n = len(histories)
+    items = np.zeros((n, max_len), np.int64)
+    ts = np.zeros((n, max_len), np.float64)
+    types = np.zeros((n, max_len), np.int64)
+    sessions = np.zeros((n, max_len), np.int64)
+    lengths = np.zeros(n, np.int64)
+    for r, (it, t, ty, se) in enumerate(histories):
+        m = min(len(it), max_len)
+        if m:
+            items[r, :m] = np.asarray(it[-m:], np.int64) + 1
+            ts[r, :m] = t[-m:]
+            types[r, :m] = ty[-m:]
+            sessions[r, :m] = se[-m:]
+        lengths[r] = m
+    return items, ts, types, sessions, lengths
 
 
 class InterestModel(nn.Module, ABC):
