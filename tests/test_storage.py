@@ -146,3 +146,17 @@ def test_bucket_count_is_fixed_per_table(spark, make_config):
     changed = TableSpec("b", SCHEMA, ("day",), ("k",), properties={"ebbtide.user_buckets": "16"})
     with pytest.raises(StorageError, match="user_buckets"):
         store.ensure(changed)
+
+
+def test_spark_engine_without_delta_jars_is_a_clear_error(spark, make_config):
+    with pytest.raises(StorageError, match="delta-spark on the JVM classpath"):
+        open_storage(spark, make_config(storage__engine="spark").storage)
+
+
+def test_replace_predicates_render_as_sql():
+    from ebbtide.storage import where_sql
+
+    assert where_sql({"day": [D1, D2]}) == "`day` IN (DATE'2026-01-01', DATE'2026-01-02')"
+    assert where_sql({"b": [1, 2], "k": ["o'k"]}) == "`b` IN (1, 2) AND `k` IN ('o\\'k')"
+    with pytest.raises(ValueError):
+        where_sql({"day": []})

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("py4j", "urllib3"):
+    for noisy in ("py4j", "urllib3", "petastorm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
