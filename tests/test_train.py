@@ -199,3 +199,22 @@ def test_train_and_evaluate_end_to_end(pipeline):
     assert report.exists() and "| sar |" in report.read_text()
     for png in ("metrics.png", "ndcg_at_k.png", "decay.png"):
         assert (report.parent / png).stat().st_size > 1000
+
+
+def test_worker_runs_under_torchrun(pipeline, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cfg, storage = pipeline
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.models, cfg.train.epochs = ["gru"], 1
+    exported = train_models(cfg, storage, export_worker_args=tmp_path)
+    args = json.loads(exported["gru"].read_text())
+    args["run_dir"] = str(tmp_path / "run")
+    exported["gru"].write_text(json.dumps(args))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+                           "-m", "ebbtide.train", str(exported["gru"])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] > 0

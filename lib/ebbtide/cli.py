@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the configured models on a pinned user_sequences snapshot")
     p.add_argument("--snapshot-version", type=int, help="user_sequences version (default: latest)")
+    p.add_argument("--export-worker-args", metavar="DIR",
+                   help="only pin the snapshot and write <model>.json per model for torchrun -m ebbtide.train")
 
     p = sub.add_parser("evaluate", help="full-ranking metrics of the latest models and the baselines + report")
     p.add_argument("--out", help="report folder (default evaluate.output)")
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     elif args.command == "train":
         from ebbtide.train import train_models
 
-        for name, path in train_models(cfg, storage, args.snapshot_version).items():
+        for name, path in train_models(cfg, storage, args.snapshot_version, args.export_worker_args).items():
             print(f"{name}: {path}")
     elif args.command == "evaluate":
         from ebbtide.evaluate import evaluate_all

@@ -278,7 +278,7 @@ def write_report(out: Path, results: dict, decay: dict, loaded: dict, truth: dic
             ax.bar(x + (2 * i + j) * width, [results[n][f"{metric}@{k}"] for n in names], width, label=f"{metric.upper()}@{k}")
     ax.set_xticks(x + width * (len(ks) - 0.5), names, rotation=25, ha="right")
     ax.set_title(f"Full-ranking metrics on the test split ({n_users:,} users)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=120)
     plt.close(fig)

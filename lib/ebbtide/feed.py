@@ -127,14 +127,29 @@ def training_reader(snapshot: Snapshot, max_len: int, rank: int, world_size: int
 
 
 def torch_batches(reader, batch_size: int, shuffle_buffer: int, seed: int):
-    """petastorm's torch DataLoader (row shuffle buffer, seeded) -> Batch objects."""
-    import torch
-    from petastorm.pytorch import DataLoader
+    """petastorm's BatchedDataLoader (tensor batches, row-level shuffle buffer) -> Batch objects.
 
-    np.random.seed(seed)  # petastorm's shuffling buffer draws from numpy's global generator
-    for sample in DataLoader(reader, batch_size=batch_size, shuffling_queue_capacity=shuffle_buffer):
-        yield Batch(sample["items"], sample["ts"].to(torch.float64), sample["types"], sample["sessions"],
-                    sample["length"])
+    The shuffle buffer draws from torch's global generator; it gets a private, seeded stream here so that the
+    order of rows never depends on what the model draws (dropout) in between: a resumed run that replays the
+    epoch sees exactly the batches of the original run.
+    """
+    import torch
+    from petastorm.pytorch import BatchedDataLoader
+
+    loader_state = torch.Generator().manual_seed(seed).get_state()
+    batches = iter(BatchedDataLoader(reader, batch_size=batch_size, shuffling_queue_capacity=shuffle_buffer))
+    while True:
+        outer_state = torch.get_rng_state()
+        torch.set_rng_state(loader_state)
+        try:
+            sample = next(batches)
+        except StopIteration:
+            return
+        finally:
+            loader_state = torch.get_rng_state()
+            torch.set_rng_state(outer_state)
+        yield Batch(sample["items"].long(), sample["ts"].to(torch.float64), sample["types"].long(),
+                    sample["sessions"].long(), sample["length"].long())
 
 
 def read_snapshot_frame(snapshot: Snapshot, columns: list[str] | None = None) -> pd.DataFrame:

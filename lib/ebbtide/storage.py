@@ -13,6 +13,7 @@ active files, never by listing a folder: removed files stay on disk until VACUUM
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -254,6 +255,19 @@ class RsStorage(DeltaStorage):
         if not files:
             empty = self.spark.createDataFrame([], spec.schema)
             return empty.withColumn("_file", F.lit(None).cast("string")) if with_file else empty
+        if spec.partition_by and not with_file:
+            groups: dict[tuple, list[str]] = {}
+            for f in files:
+                groups.setdefault(tuple(f.partition_values[c] for c in spec.partition_by), []).append(f.path)
+            if len(groups) <= _LITERAL_PARTITIONS_MAX:
+                # Few partitions: one scan per partition with its values as literals (no per-row work).
+                parts = []
+                for values, paths in groups.items():
+                    part = self.spark.read.schema(spec.data_schema).parquet(*[_spark_uri(p) for p in paths])
+                    for col, value in zip(spec.partition_by, values):
+                        part = part.withColumn(col, F.lit(value).cast(spec.schema[col].dataType))
+                    parts.append(part.select(*spec.columns))
+                return functools.reduce(DataFrame.unionByName, parts)
         df = self.spark.read.schema(spec.data_schema).parquet(*[_spark_uri(f.path) for f in files])
         # One key for a file whatever the URI spelling (file:/x, file:///x, /x): the path without its scheme.
         df = df.withColumn("_file", F.regexp_replace(F.col("_metadata.file_path"), _SCHEME_RE, ""))
@@ -580,6 +594,8 @@ def open_storage(spark: SparkSession, conf: StorageConf) -> DeltaStorage:
 
 # ---------------------------------------------------------------------------------------------------------
 _SCHEME_RE = r"^[a-zA-Z][a-zA-Z0-9+.-]*:/*|^/+"
+# Above this many partitions in one read, partition values are attached by a broadcast join on the file path.
+_LITERAL_PARTITIONS_MAX = 64
 
 
 def _file_key(path: str) -> str:

@@ -430,8 +430,11 @@ def launch(worker_args: WorkerArgs, cfg: Config) -> dict:
         train_worker, payload)
 
 
-def train_models(cfg: Config, storage, snapshot_version: int | None = None) -> dict[str, Path]:
-    """Train every configured model on one pinned snapshot; returns the artifact folder of each."""
+def train_models(cfg: Config, storage, snapshot_version: int | None = None,
+                 export_worker_args: str | Path | None = None) -> dict[str, Path]:
+    """Train every configured model on one pinned snapshot; returns the artifact folder of each.
+
+    With export_worker_args, only write one `<model>.json` per model there, for `torchrun -m ebbtide.train`."""
     from ebbtide.feed import pin_snapshot
     from ebbtide.tables import table_specs
 
@@ -449,6 +452,12 @@ def train_models(cfg: Config, storage, snapshot_version: int | None = None) -> d
         args = WorkerArgs(cfg=cfg.model_dump(mode="json"), model_name=name,
                           snapshot=dataclasses.asdict(snapshot), split=split.as_dict(), n_types=n_types,
                           item_log_q=log_q, run_dir=str(run_dir))
+        if export_worker_args:
+            out = Path(export_worker_args) / f"{name}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(dataclasses.asdict(args)))
+            artifacts[name] = out
+            continue
         log.info("training %s on user_sequences v%d (%d items, %s split, %d process(es))", name, snapshot.version,
                  snapshot.n_items, split.kind, cfg.train.num_processes)
         summary = launch(args, cfg)
@@ -480,3 +489,21 @@ def _log_mlflow(cfg: Config, name: str, model_conf: dict, meta: dict, path: Path
         mlflow.log_params({k: v for k, v in model_conf["train"].items() if not isinstance(v, (list, dict))})
         mlflow.log_metric("best_val_ndcg_at_10", meta["metrics"]["best_val_ndcg@10"])
         mlflow.log_artifacts(str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry: `torchrun --nproc_per_node N -m ebbtide.train WORKER_ARGS.json` (written by
+    `ebbtide train --export-worker-args DIR`). Prints rank 0's summary as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ebbtide.train", description=main.__doc__)
+    parser.add_argument("worker_args", help="a JSON file of WorkerArgs")
+    args = parser.parse_args(argv)
+    summary = train_worker(json.loads(Path(args.worker_args).read_text()))
+    if summary.get("rank", 0) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_rank"}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
