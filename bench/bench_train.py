@@ -49,7 +49,7 @@ def build_tables(work: Path, users: int, days: int):
     return cfg, storage
 
 
-def loader_throughput(snapshot, max_len: int, batch_size: int, repeats: int = 2) -> dict:
+def loader_throughput(snapshot, max_len: int, batch_size: int, workers: int, repeats: int = 2) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -57,7 +57,7 @@ def loader_throughput(snapshot, max_len: int, batch_size: int, repeats: int = 2)
 
     def run_petastorm() -> int:
         n = 0
-        with training_reader(snapshot, max_len, 0, 1, 0, 1, None, 0, workers=2) as reader:
+        with training_reader(snapshot, max_len, 0, 1, 0, 1, None, 0, workers=workers) as reader:
             for batch in torch_batches(reader, batch_size, shuffle_buffer=0, seed=0):
                 n += len(batch.lengths)
         return n
@@ -125,7 +125,7 @@ def main() -> int:
     from ebbtide.feed import pin_snapshot
 
     snap = pin_snapshot(storage, cfg)
-    loader = loader_throughput(snap, cfg.train.max_len, args.batch_size)
+    loader = loader_throughput(snap, cfg.train.max_len, args.batch_size, cfg.train.reader_workers)
     training = training_throughput(cfg, storage, args.steps)
     print(f"\n== loader: user_sequences v{snap.version}, {len(snap.files)} files, {snap.row_groups()} row groups, "
           f"max_len {cfg.train.max_len}, batch {args.batch_size}")

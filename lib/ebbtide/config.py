@@ -155,7 +155,10 @@ class TrainConf(_Strict):
     # Full softmax up to this many items; above it, sampled softmax with log-Q correction and in-batch negatives.
     full_softmax_max_items: int = Field(50_000, ge=1)
     shuffle_buffer: int = Field(1024, ge=0)
-    reader_workers: int = Field(2, ge=1)
+    # petastorm reader pool: threads share the GIL with the padding transform (on 2 cores one thread is fastest);
+    # processes pay serialization but scale on many-core hosts.
+    reader_workers: int = Field(1, ge=1)
+    reader_pool: Literal["thread", "process"] = "thread"
     seed: int = 13
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)

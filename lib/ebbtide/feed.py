@@ -108,7 +108,7 @@ def make_transform_spec(max_len: int, before: float | None, drop_last: int):
 
 
 def training_reader(snapshot: Snapshot, max_len: int, rank: int, world_size: int, epoch: int, seed: int,
-                    before: float | None, drop_last: int, workers: int = 2):
+                    before: float | None, drop_last: int, workers: int = 1, pool: str = "thread"):
     """A petastorm batch reader over this rank's shard for one epoch (petastorm cannot resume mid-epoch, so a
     resumed run re-opens the epoch with the same seed and skips the batches it had consumed)."""
     from petastorm import make_batch_reader
@@ -123,7 +123,7 @@ def training_reader(snapshot: Snapshot, max_len: int, rank: int, world_size: int
         transform_spec=make_transform_spec(max_len, before, drop_last),
         shuffle_row_groups=True, seed=seed + epoch,
         cur_shard=rank if world_size > 1 else None, shard_count=world_size if world_size > 1 else None,
-        num_epochs=1, reader_pool_type="thread", workers_count=workers)
+        num_epochs=1, reader_pool_type=pool, workers_count=workers)
 
 
 def torch_batches(reader, batch_size: int, shuffle_buffer: int, seed: int):

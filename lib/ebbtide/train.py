@@ -259,18 +259,19 @@ def train_worker(args_dict: dict) -> dict:
                if rank == 0 else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
     progress = _progress(rank, total_steps, step, args.model_name)
-    started, seen_sequences = time.perf_counter(), 0
+    seen_sequences, train_seconds = 0, 0.0    # time in the data loop only: validation is not training throughput
     losses: list[float] = []
     fingerprints: list[int] = []
     stop = False
     while epoch < t.epochs and not stop:
         reader = training_reader(snapshot, t.max_len, rank, world, epoch, t.seed, split.train_before,
-                                 split.drop_last, workers=t.reader_workers)
+                                 split.drop_last, workers=t.reader_workers, pool=t.reader_pool)
         model.train()
         batches_in_epoch, last_loss = 0, float("nan")
         from torch.distributed.algorithms.join import Join
 
         join = Join([ddp]) if world > 1 else _NullContext()
+        loop_started = time.perf_counter()
         with reader, join:
             for batch in torch_batches(reader, t.batch_size, t.shuffle_buffer, seed=t.seed + 1000 * epoch + rank):
                 if batches_in_epoch < skip:      # replaying the epoch up to where the checkpoint was taken
@@ -295,7 +296,7 @@ def train_worker(args_dict: dict) -> dict:
                 losses.append(last_loss)
                 progress.update(1, last_loss)
                 if rank == 0 and step % t.log_every == 0:
-                    rate = seen_sequences * world / (time.perf_counter() - started)
+                    rate = seen_sequences * world / (train_seconds + time.perf_counter() - loop_started)
                     eta = (total_steps - step) * t.batch_size * world / max(rate, 1e-9)
                     log.info("%s epoch %d step %d/%d loss %.4f lr %.2e %.0f seq/s ETA %.0fs", args.model_name,
                              epoch, step, total_steps, last_loss, scheduler.get_last_lr()[0], rate, eta)
@@ -307,6 +308,7 @@ def train_worker(args_dict: dict) -> dict:
                 if t.max_steps and step >= t.max_steps:
                     stop = True
                     break
+        train_seconds += time.perf_counter() - loop_started
         skip, rng_after_skip = 0, None
         # Epoch end: validation NDCG@10 on rank 0, early-stop decision shared with every rank.
         metrics = {}
@@ -325,7 +327,7 @@ def train_worker(args_dict: dict) -> dict:
         if world > 1:
             torch_dist.barrier()
     progress.close()
-    elapsed = time.perf_counter() - started
+    elapsed = train_seconds
     summary = {"rank": rank, "world_size": world, "steps": step, "epochs": epoch, "best_val_ndcg@10": best,
                "best_epoch": best_epoch, "history": history, "train_seconds": elapsed,
                "sequences_per_s": seen_sequences * world / max(elapsed, 1e-9), "device": str(device),
