@@ -13,6 +13,7 @@ from pyspark.sql import types as T
 
 UTC = dt.timezone.utc
 NOON = dt.datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+E = int(NOON.timestamp())  # 1793534400
 
 
 @pytest.mark.parametrize("text, unit, expected", [
@@ -20,12 +21,12 @@ NOON = dt.datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
     ("2026-11-01T14:00:00+02:00", "auto", NOON),
     ("2026-11-01 12:00:00", "auto", NOON),                     # no zone: UTC
     ("2026-11-01T12:00:00.250Z", "auto", NOON + dt.timedelta(milliseconds=250)),
-    ("1793620800", "auto", NOON),                              # epoch seconds
-    ("1793620800000", "auto", NOON),                           # epoch ms
-    ("1793620800000000", "auto", NOON),                        # epoch us
-    ("1793620800.5", "auto", NOON + dt.timedelta(milliseconds=500)),
-    ("1793620800000", "ms", NOON),
-    ("1793620800", "us", dt.datetime(1970, 1, 1, 0, 29, 53, 620800, tzinfo=UTC)),  # configured unit wins
+    (f"{E}", "auto", NOON),                                    # epoch seconds
+    (f"{E}000", "auto", NOON),                                 # epoch ms
+    (f"{E}000000", "auto", NOON),                              # epoch us
+    (f"{E}.5", "auto", NOON + dt.timedelta(milliseconds=500)),
+    (f"{E}000", "ms", NOON),
+    (f"{E}", "us", dt.datetime(1970, 1, 1, 0, 29, 53, 534400, tzinfo=UTC)),  # configured unit wins
     ("last tuesday", "auto", None),
     ("99999999999999999999999", "auto", None),                 # overflow: null, not a crash
     (None, "auto", None),
@@ -67,7 +68,7 @@ def test_csv_input(spark, make_config, tmp_path):
     (folder / "part-0.csv").write_text(
         "event_id,user_id,item_id,event_type,ts,weight\n"
         "e1,u1,a,view,2026-11-01T12:00:00Z,\n"
-        "e2,u1,b,click,1793620900,abc\n"
+        f"e2,u1,b,click,{E + 100},abc\n"
         "e1,u1,a,view,2026-11-01T12:00:00Z,\n")
     cfg = make_config(sessionize__input=str(tmp_path / "raw"), sessionize__format="csv")
     report = Sessionizer(spark, cfg, open_storage(spark, cfg.storage)).run(dt.date(2026, 11, 1))
