@@ -188,6 +188,10 @@ def test_train_and_evaluate_end_to_end(pipeline):
     assert meta["data_snapshot_version"] == storage.version(__import__("ebbtide.tables", fromlist=["x"])
                                                             .table_specs(cfg)["user_sequences"])
     assert len(meta["decay"]["half_life_days"]) == 3
+    import mlflow  # a dev dependency: training logs each model to the local store beside the artifacts
+
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) >= 2 and runs["metrics.best_val_ndcg_at_10"].notna().all()
     result = evaluate_all(cfg, storage, artifacts)
     assert set(result["results"]) == set(BASELINES) | {"decay_pool", "long_short"}
     assert result["users"] > 20

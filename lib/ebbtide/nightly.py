@@ -122,9 +122,10 @@ def top_k(users: torch.Tensor, items: torch.Tensor, k: int, exclude: list[np.nda
     return best_items, best_scores
 
 
-def _infer(payload: dict, t_query: float, k: int, block: int, batch_size: int, exclude_consumed: bool):
+def _infer(payload, t_query: float, k: int, block: int, batch_size: int, exclude_consumed: bool):
+    """The mapInPandas function; `payload` is the broadcast of the model (read once per Python worker)."""
     def run(frames):
-        model, item_table, conf = _model_from_payload(payload)
+        model, item_table, conf = _model_from_payload(payload.value)
         n_items, max_len = conf["n_items"], conf["max_len"]
         has_state = hasattr(model, "final_state")
         for frame in frames:
@@ -232,7 +233,7 @@ class Nightly:
         results = joined.select(
             "user_id", "user_bucket", "item_idx", "ts", "event_type", "session_idx", "n_before", "last_before",
             "mode", "prev_state", "prev_mass", "prev_state_ts").mapInPandas(
-            _broadcast_runner(payload, t_query, n.top_k, n.item_block, n.batch_size, n.exclude_consumed),
+            _infer(payload, t_query, n.top_k, n.item_block, n.batch_size, n.exclude_consumed),
             OUTPUT_SCHEMA)
         results = results.join(prev.select("user_id", "prev_as_of"), "user_id", "left").persist(
             StorageLevel.MEMORY_AND_DISK)
@@ -306,10 +307,3 @@ class Nightly:
                             F.timestamp_seconds("last_before").alias("last_event_ts"), "decay_state", "decay_mass",
                             F.lit(state_ts).alias("updated_at"), "user_bucket"))
         storage.merge(specs["user_interest"], interest, txn=txn)
-
-
-def _broadcast_runner(payload, t_query: float, k: int, block: int, batch_size: int, exclude_consumed: bool):
-    """mapInPandas function that reads the model from the broadcast once per Python worker."""
-    def run(frames):
-        yield from _infer(payload.value, t_query, k, block, batch_size, exclude_consumed)(frames)
-    return run

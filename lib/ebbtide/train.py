@@ -486,6 +486,9 @@ def _log_mlflow(cfg: Config, name: str, model_conf: dict, meta: dict, path: Path
     except ImportError:
         return
     if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # The default: a local file store beside the models. MLflow 3 keeps that backend behind an opt-in;
+        # a real deployment sets MLFLOW_TRACKING_URI (a server, Databricks, or sqlite:///...).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(f"file://{Path(cfg.train.output).resolve() / 'mlruns'}")
     with mlflow.start_run(run_name=f"{name}-{path.name}"):
         mlflow.log_params({k: v for k, v in model_conf["train"].items() if not isinstance(v, (list, dict))})
