@@ -9,28 +9,22 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import START, build_tables  # noqa: E402  (same folder, shared fixture data)
+from bench_train import START, build_tables, dataset_arguments, quiet_logging  # noqa: E402  (same folder, shared fixture data)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=200_000)
-    parser.add_argument("--days", type=int, default=2)
-    parser.add_argument("--work", default=os.environ.get("EBBTIDE_BENCH_DIR", "/tmp/ebbtide-bench"))
+    dataset_arguments(parser)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("py4j", "ebbtide.storage", "ebbtide.sessionize", "ebbtide.train", "ebbtide.evaluate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logging()
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as ds

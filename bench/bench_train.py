@@ -109,17 +109,26 @@ def training_throughput(cfg, storage, steps: int) -> dict:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shared benchmark data set (also used by bench_nightly.py)."""
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--days", type=int, default=2)
+    parser.add_argument("--work", default=os.environ.get("EBBTIDE_BENCH_DIR", "/tmp/ebbtide-bench"))
+
+
+def quiet_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("py4j", "petastorm", "ebbtide.storage", "ebbtide.sessionize", "ebbtide.train", "ebbtide.evaluate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dataset_arguments(parser)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--work", default=os.environ.get("EBBTIDE_BENCH_DIR", "/tmp/ebbtide-bench"))
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("py4j", "ebbtide.storage", "ebbtide.sessionize", "ebbtide.train", "ebbtide.evaluate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logging()
     cfg, storage = build_tables(Path(args.work), args.users, args.days)
     cfg.train.batch_size = args.batch_size
     from ebbtide.feed import pin_snapshot
