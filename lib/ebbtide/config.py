@@ -155,10 +155,11 @@ class TrainConf(_Strict):
     # Full softmax up to this many items; above it, sampled softmax with log-Q correction and in-batch negatives.
     full_softmax_max_items: int = Field(50_000, ge=1)
     shuffle_buffer: int = Field(1024, ge=0)
-    # petastorm reader pool: threads share the GIL with the padding transform (on 2 cores one thread is fastest);
-    # processes pay serialization but scale on many-core hosts.
+    # petastorm reader pool. "dummy" decodes in the training thread: deterministic, and on a 2-core host as fast as
+    # a thread (the padding transform holds the GIL); under load we saw petastorm's thread pool end a reader early
+    # (a shard read empty or half-read), so small hosts use dummy. "thread"/"process" scale on many-core hosts.
     reader_workers: int = Field(1, ge=1)
-    reader_pool: Literal["thread", "process"] = "thread"
+    reader_pool: Literal["dummy", "thread", "process"] = "dummy"
     seed: int = 13
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)

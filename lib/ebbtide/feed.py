@@ -108,7 +108,7 @@ def make_transform_spec(max_len: int, before: float | None, drop_last: int):
 
 
 def training_reader(snapshot: Snapshot, max_len: int, rank: int, world_size: int, epoch: int, seed: int,
-                    before: float | None, drop_last: int, workers: int = 1, pool: str = "thread"):
+                    before: float | None, drop_last: int, workers: int = 1, pool: str = "dummy"):
     """A petastorm batch reader over this rank's shard for one epoch (petastorm cannot resume mid-epoch, so a
     resumed run re-opens the epoch with the same seed and skips the batches it had consumed)."""
     from petastorm import make_batch_reader
