@@ -426,8 +426,9 @@ class Sessionizer:
         conf, spec = self.conf, self.specs["user_sequences"]
         vocab = self.storage.read(self.specs["item_vocab"]).select("item_id", "item_idx")
         type_codes = F.array(*[F.lit(t) for t in conf.event_types])
-        old = self.storage.read(spec, where={"user_bucket": buckets}).join(
-            starts.select("user_id", "from_ts"), "user_id")
+        # One snapshot of the touched buckets serves both the kept events and the previous counters.
+        previous = self.storage.read(spec, where={"user_bucket": buckets})
+        old = previous.join(starts.select("user_id", "from_ts"), "user_id")
         # Events before the recompute point keep their place; their session keys stay distinct from new ones.
         kept_old = (old.select("user_id", "from_ts", F.posexplode(F.arrays_zip(
             "item_idx", "ts", "event_type", "session_idx", "weight")).alias("pos", "e"))
@@ -450,7 +451,7 @@ class Sessionizer:
             Window.partitionBy("user_id").orderBy("_sfirst", "skey")) - 1).cast("int"))
         seq = window.groupBy("user_id").agg(F.array_sort(F.collect_list(F.struct(
             "order_us", "tie", "item_idx", "ts_s", "etype", "session_idx", "weight"))).alias("_e"))
-        prev_stats = self.storage.read(spec, where={"user_bucket": buckets}).select(
+        prev_stats = previous.select(
             "user_id", F.col("n_events").alias("_n"), F.col("first_ts").alias("_first"),
             F.col("last_ts").alias("_last"))
         rows = (seq.join(starts, "user_id").join(prev_stats, "user_id", "left").select(
