@@ -33,13 +33,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from ebbtide.artifacts import build_from_config, latest_artifact, load_artifact
 from ebbtide.config import Config
-from ebbtide.feed import seconds
-from ebbtide.models import build_model
 from ebbtide.models.base import Batch
+from ebbtide.split import day_start_seconds as seconds
 from ebbtide.storage import AppTxn, DeltaStorage
 from ebbtide.tables import table_specs
-from ebbtide.train import latest_artifact, load_artifact
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ def _model_from_payload(payload: dict):
     key = payload["version"]
     if key not in _MODEL_CACHE:
         conf = payload["config"]
-        model = build_model(conf["name"], conf["n_items"], conf["n_types"], conf["dim"], conf["max_len"])
+        model = build_from_config(conf)
         model.load_state_dict(torch.load(io.BytesIO(payload["weights"]), map_location="cpu", weights_only=True))
         model.eval()
         torch.set_num_threads(1)  # one thread per Spark task: the executor's cores are the parallelism
@@ -148,7 +147,7 @@ def _infer_batch(frame: pd.DataFrame, model, item_table, n_items, max_len, has_s
     with torch.no_grad():
         dim = item_table.shape[1]
         if has_state:
-            K = model.log_tau.numel()
+            K = model.n_parts
             states = torch.zeros(n, K, dim, dtype=torch.float64)
             masses = torch.zeros(n, K, dtype=torch.float64)
             enc = np.nonzero(~rescale)[0]
@@ -161,8 +160,7 @@ def _infer_batch(frame: pd.DataFrame, model, item_table, n_items, max_len, has_s
                 prev_s = torch.tensor(np.stack(frame["prev_state"].values[res]), dtype=torch.float64).view(-1, K, dim)
                 prev_m = torch.tensor(np.stack(frame["prev_mass"].values[res]), dtype=torch.float64)
                 elapsed = torch.tensor(t_query - frame["prev_state_ts"].values[res], dtype=torch.float64)
-                factor = torch.exp(-(elapsed / 86_400.0).unsqueeze(-1) / model.log_tau.double().exp())
-                states[res], masses[res] = prev_s * factor.unsqueeze(-1), prev_m * factor
+                states[res], masses[res] = model.rescale(prev_s, prev_m, elapsed)
             # Stored precision is float32; embeddings come from the stored values, so a re-run is identical.
             states32, masses32 = states.float(), masses.float()
             users = model.combine(states32, masses32)
