@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONF    ?= local
 
-.PHONY: setup test demo bench lint clean java-check
+.PHONY: setup test demo bench bench-quality lint clean java-check
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_sessionize.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_nightly.py
+
+# Model quality on real data (MovieLens 100k through the whole pipeline) and planted half-life recovery.
+bench-quality: $(STAMP)
+	$(BIN)/python bench/bench_quality.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lib jobs tests bench tools
