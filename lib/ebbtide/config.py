@@ -1,4 +1,8 @@
-"""Typed configuration: one model of every knob, loaded from conf/<env>.yaml and validated at start-up.
+"""Typed configuration: one model of every knob, loaded from an environment's YAML and validated at start-up.
+
+Environments (`local`, `cluster`, `databricks`) ship inside the package (`ebbtide/conf/<env>.yaml`, package data
+found with importlib.resources, so they load from a wheel, a `--py-files` zip or an editable checkout alike);
+any other YAML file is given by path.
 
 Overrides come from the command line as dotted keys (``--set sessionize.session_gap_minutes=20``); values are
 parsed as YAML scalars so numbers and booleans keep their types. Unknown keys, wrong types and bad values stop
@@ -8,13 +12,18 @@ the job with a message naming the key.
 from __future__ import annotations
 
 import datetime as dt
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def packaged_environments() -> dict[str, resources.abc.Traversable]:
+    """The YAML files shipped in ebbtide/conf, by environment name."""
+    conf = resources.files("ebbtide") / "conf"
+    return {f.name[:-5]: f for f in conf.iterdir() if f.name.endswith(".yaml")}
 
 
 class ConfigError(ValueError):
@@ -253,20 +262,31 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def load_config(env: str | Path = "local", overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load conf/<env>.yaml (or a YAML path), apply dotted overrides, validate."""
-    path = Path(env)
-    if not path.suffix:
-        path = CONF_DIR / f"{env}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
-        raise ConfigError(f"no configuration {str(env)!r}: expected {path} (known environments: {known})")
-    tree = yaml.safe_load(path.read_text()) or {}
+    """Load a packaged environment by name (or a YAML path), apply dotted overrides, validate."""
+    source, text = _read_environment(env)
+    tree = yaml.safe_load(text) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{source}: top level must be a mapping")
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{path.name}: {_format_errors(err)}") from None
+        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+
+
+def _read_environment(env: str | Path) -> tuple[str, str]:
+    """(name for messages, YAML text) of a packaged environment name or a file path."""
+    text_env = str(env)
+    looks_like_path = isinstance(env, Path) or text_env.endswith((".yaml", ".yml")) or "/" in text_env
+    if looks_like_path:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigError(f"no configuration file {path}")
+        return path.name, path.read_text()
+    known = packaged_environments()
+    if text_env not in known:
+        raise ConfigError(f"no configuration {text_env!r} (known environments: {', '.join(sorted(known))}; "
+                          "or give a YAML file path)")
+    return f"{text_env}.yaml", known[text_env].read_text()
