@@ -172,7 +172,7 @@ def load_artifact(path: str | Path) -> tuple[InterestModel, dict, dict]:
 
 
 def latest_artifact(out_root: str | Path, name: str) -> Path:
-    versions = sorted(p for p in (Path(out_root) / name).glob("*") if not p.name.startswith("."))
+    versions = sorted(p for p in (Path(out_root) / name).glob("*") if p.is_dir() and not p.name.startswith("."))
     if not versions:
         raise FileNotFoundError(f"no trained {name} model under {out_root}")
     return versions[-1]
@@ -424,10 +424,10 @@ def launch(worker_args: WorkerArgs, cfg: Config) -> dict:
         return train_worker(payload)
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from ebbtide.spark import get_spark
+    from ebbtide.spark import get_spark, master_of
 
     spark = get_spark(cfg.spark)
-    local = spark.sparkContext.master.startswith("local")
+    local = master_of(spark).startswith("local")
     return TorchDistributor(num_processes=t.num_processes, local_mode=local, use_gpu=t.use_gpu).run(
         train_worker, payload)
 
