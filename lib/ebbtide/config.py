@@ -200,13 +200,33 @@ class EvaluateConf(_Strict):
 
 class NightlyConf(_Strict):
     model: Literal["decay_pool", "gru", "lstm", "decay_transformer", "long_short"] = "decay_pool"
-    model_version: str | None = None     # an artifact folder; default: the latest of `model`
+    # An artifact folder or version name; default: the promoted version of `model` (`ebbtide promote`).
+    model_version: str | None = None
+    # promoted: follow the pointer `ebbtide promote` writes (production); latest: newest folder (the demo only).
+    follow: Literal["promoted", "latest"] = "promoted"
+    # Refuse a date whose sessionized data is missing or stale (no sessionize run for it, a gap the day before,
+    # or later dates loaded first); --allow-stale turns it off for one run.
+    require_fresh: bool = True
+    # Users with fewer events than this get the decayed-popularity fallback instead of the model's list.
+    min_events_for_model: int = Field(2, ge=1)
+    # The last slots of each model list go to the most popular items newer than the model (0 = none).
+    new_item_slots: int = Field(2, ge=0)
+    popularity_half_life_days: float = Field(2.0, gt=0)
+    # `ebbtide maintain` expires user_recommendations partitions and user_interest rows older than these.
+    recommendations_retention_days: int = Field(30, ge=1)
+    interest_retention_days: int = Field(180, ge=1)
     top_k: int = Field(20, ge=1)
     retention_days: int = Field(30, ge=1)   # users with an event in this horizon get an embedding
     batch_size: int = Field(1024, ge=1)
     item_block: int = Field(65_536, ge=1)   # items per block of the top-K matrix product
     exclude_consumed: bool = True
     incremental: bool = True
+
+    @model_validator(mode="after")
+    def _slots_fit(self) -> NightlyConf:
+        if self.new_item_slots >= self.top_k:
+            raise ValueError(f"nightly.new_item_slots ({self.new_item_slots}) must be < nightly.top_k ({self.top_k})")
+        return self
 
 
 class Config(_Strict):
