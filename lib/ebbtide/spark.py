@@ -44,16 +44,8 @@ def get_spark(conf: SparkConf) -> SparkSession:
 
     builder = SparkSession.builder.appName(conf.app_name)
     if under_spark_submit():
-        # The JVM and its SparkConf come from spark-submit; spark.master is already set there.
-        from pyspark import SparkConf as JvmConf
-
-        submitted = JvmConf().get("spark.master", None)
-        if conf.master and submitted and conf.master != submitted:
-            log.warning("spark.master %r from the config ignored: spark-submit set --master %s", conf.master,
-                        submitted)
-        if conf.master and not submitted:
-            builder = builder.master(conf.master)
-        master = submitted or conf.master or "local[*]"
+        # spark-submit always sets spark.master (its --master, or its own default): never override it.
+        master = _submitted_master(conf)
     else:
         master = conf.master or os.environ.get("SPARK_MASTER", "") or "local[*]"
         builder = builder.master(master).config("spark.driver.memory", conf.driver_memory)
@@ -78,10 +70,23 @@ def get_spark(conf: SparkConf) -> SparkSession:
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(conf.log_level)   # a session we created: classic, never Connect
-    log.info("spark master %s (%s)", spark.conf.get("spark.master"),
-             "from spark-submit" if under_spark_submit() else "from the config")
+    log.info("spark master %s %s (driver memory %s)", spark.conf.get("spark.master"),
+             "from spark-submit" if under_spark_submit() else "from the config",
+             spark.conf.get("spark.driver.memory", "default"))
     _apply_sql_confs(spark, conf, local_cores=_local_cores(master) if local else None)
     return spark
+
+
+def _submitted_master(conf: SparkConf) -> str:
+    """spark-submit's master, read from the JVM it started (system properties become the SparkConf)."""
+    from pyspark import SparkConf as JvmConf
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()   # connect to spark-submit's gateway so SparkConf loads its settings
+    submitted = JvmConf().get("spark.master", "local[*]")
+    if conf.master and conf.master != submitted:
+        log.warning("spark.master %r from the config ignored: spark-submit set --master %s", conf.master, submitted)
+    return submitted
 
 
 def master_of(spark: SparkSession) -> str:
