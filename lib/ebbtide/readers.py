@@ -28,8 +28,8 @@ _DUCKDB_TYPES = {"string": "VARCHAR", "integer": "INTEGER", "long": "BIGINT", "s
                  "timestamp": "TIMESTAMPTZ"}
 
 
-def active_files(path: str, version: int | None = None) -> tuple[list[tuple[str, dict[str, str | None]]], dict]:
-    """([(file path, {partition column: value string}), ...], {column: Delta type name}) of a snapshot."""
+def active_files(path: str, version: int | None = None) -> tuple[list[tuple[str, dict[str, Any]]], dict]:
+    """([(file path, {partition column: typed value}), ...], {column: Delta type name}) of a snapshot."""
     from deltalake import DeltaTable
 
     table = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
@@ -49,7 +49,8 @@ def read_arrow(path: str, version: int | None = None, columns: list[str] | None 
     files, types = active_files(path, version)
     if filters:
         wanted = {c: {str(v) for v in values} for c, values in filters.items()}
-        files = [(f, parts) for f, parts in files if all(parts.get(c) in vals for c, vals in wanted.items())]
+        files = [(f, parts) for f, parts in files
+                 if all(str(parts.get(c)) in vals for c, vals in wanted.items())]
     pieces = []
     for file, parts in files:
         data_cols = None if columns is None else [c for c in columns if c not in parts]
@@ -57,8 +58,7 @@ def read_arrow(path: str, version: int | None = None, columns: list[str] | None 
         for col, value in parts.items():
             if columns is None or col in columns:
                 arrow_type = _ARROW_TYPES[types[col]]
-                scalar = pa.scalar(value).cast(arrow_type) if value is not None else pa.scalar(None, arrow_type)
-                piece = piece.append_column(col, pa.array([scalar.as_py()] * piece.num_rows, arrow_type))
+                piece = piece.append_column(col, pa.array([value] * piece.num_rows, arrow_type))
         pieces.append(piece)
     if not pieces:
         return pa.schema([]).empty_table()
@@ -91,7 +91,7 @@ def duckdb_view(con, name: str, path: str, version: int | None = None) -> None:
 
 
 def latest_as_of(path: str) -> Any:
-    """The newest complete night of user_recommendations (its as_of partitions are committed last)."""
+    """The newest complete night (a date) of user_recommendations: its as_of partitions are committed last."""
     files, _ = active_files(path)
     dates = [parts.get("as_of") for _, parts in files if parts.get("as_of")]
     return max(dates) if dates else None
