@@ -57,7 +57,7 @@ def deployed(tmp_path_factory):
         spark: {{master: "local[*]", ui_enabled: false, log_level: ERROR, shuffle_partitions: 4,
                  driver_memory: 3g}}
         storage: {{engine: rs, root: {site}/tables, user_buckets: 2}}
-        generate: {{out: {site}/raw, users: 80, items: 40, categories: 4, days: 2, start_date: {D[0]},
+        generate: {{out: {site}/raw, users: 80, items: 60, categories: 4, days: 2, start_date: {D[0]},
                     users_per_chunk: 80}}
         sessionize: {{input: {site}/raw}}
         train: {{output: {site}/models, models: [decay_pool], dim: 8, max_len: 10, epochs: 1, batch_size: 64,
