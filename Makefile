@@ -55,16 +55,17 @@ package: $(STAMP)
 
 # A packed virtualenv for executors without cluster libraries (spark-submit --archives
 # dist/ebbtide-env.tar.gz#environment, PYSPARK_PYTHON=./environment/bin/python): torch, the wheel and its
-# dependencies under constraints.txt, petastorm. Large (torch); not part of `make test`.
+# dependencies under constraints.txt, petastorm. No pyspark: spark-submit puts the cluster's own PySpark on the
+# workers' path. Large (torch); not part of `make test`.
 package-env: package
 	rm -rf build/env && $(PY) -m venv build/env
 	build/env/bin/pip install -q --upgrade pip
 	build/env/bin/pip install -q torch==2.13.0
-	build/env/bin/pip install -q -c constraints.txt 'dist/ebbtide-$(VERSION)-py3-none-any.whl[local]'
+	build/env/bin/pip install -q -c constraints.txt $(DIST)/ebbtide-$(VERSION)-py3-none-any.whl
 	build/env/bin/pip install -q -c constraints.txt --no-deps petastorm==0.13.1
 	$(BIN)/pip install -q venv-pack
-	$(BIN)/venv-pack -p build/env -o dist/ebbtide-env.tar.gz --force
-	@ls -lh dist/ebbtide-env.tar.gz
+	$(BIN)/venv-pack -p build/env -o $(DIST)/ebbtide-env.tar.gz --force
+	@ls -lh $(DIST)/ebbtide-env.tar.gz
 
 # spark-submit --master local[2] of every stage from the built artifacts, outside the repo (also in `make test`).
 smoke: $(STAMP)

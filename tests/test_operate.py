@@ -271,6 +271,8 @@ def test_outputs_are_readable_with_deltalake_duckdb_and_spark(world, spark, tmp_
         duckdb_view(con, name, path)
         with_duckdb = sorted(con.execute(f"SELECT {', '.join(key)} FROM {name}").fetchall())
         assert with_spark == with_pandas == with_duckdb and with_spark, name
+    none = read_table(storage.location(table_specs(cfg)["user_recommendations"]), filters={"as_of": ["1999-01-01"]})
+    assert none.empty and list(none.columns) == table_specs(cfg)["user_recommendations"].columns
     newest = latest_as_of(storage.location(table_specs(cfg)["user_recommendations"]))
     assert newest == D[4]
     top = con.execute("SELECT user_id, item_id FROM user_recommendations WHERE as_of = ? AND rank = 1",

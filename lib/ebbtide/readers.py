@@ -39,8 +39,20 @@ def active_files(path: str, version: int | None = None) -> tuple[list[tuple[str,
     files = [(f"{root}/{unquote(a['path'])}", {c: a.get(f"partition.{c}") for c in partition_cols})
              for a in actions]
     schema = json.loads(table.schema().to_json())
-    types = {f["name"]: f["type"] if isinstance(f["type"], str) else "complex" for f in schema["fields"]}
+    types = {f["name"]: f["type"] for f in schema["fields"]}
     return files, types
+
+
+def _arrow_type(delta_type) -> pa.DataType:
+    """A Delta schema type (JSON form) as an Arrow type."""
+    if isinstance(delta_type, str):
+        return _ARROW_TYPES[delta_type]
+    kind = delta_type["type"]
+    if kind == "array":
+        return pa.list_(_arrow_type(delta_type["elementType"]))
+    if kind == "map":
+        return pa.map_(_arrow_type(delta_type["keyType"]), _arrow_type(delta_type["valueType"]))
+    return pa.struct([pa.field(f["name"], _arrow_type(f["type"])) for f in delta_type["fields"]])
 
 
 def read_arrow(path: str, version: int | None = None, columns: list[str] | None = None,
@@ -57,14 +69,12 @@ def read_arrow(path: str, version: int | None = None, columns: list[str] | None 
         piece = pq.read_table(file, columns=data_cols)
         for col, value in parts.items():
             if columns is None or col in columns:
-                arrow_type = _ARROW_TYPES[types[col]]
-                piece = piece.append_column(col, pa.array([value] * piece.num_rows, arrow_type))
+                piece = piece.append_column(col, pa.array([value] * piece.num_rows, _arrow_type(types[col])))
         pieces.append(piece)
-    if not pieces:
-        return pa.schema([]).empty_table()
-    table = pa.concat_tables(pieces, promote=True)
-    order = columns or [c for c in types if c in table.column_names]
-    return table.select(order)
+    order = columns or list(types)
+    if not pieces:          # an empty snapshot still has the table's columns
+        return pa.schema([pa.field(c, _arrow_type(types[c])) for c in order]).empty_table()
+    return pa.concat_tables(pieces, promote_options="default").select(order)
 
 
 def read_table(path: str, version: int | None = None, columns: list[str] | None = None,
