@@ -215,9 +215,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def job_main(command: str, argv: list[str] | None = None) -> int:
-    """Entry for jobs/<stage>.py: global options may come in any position, e.g.
+    """Entry for jobs/<stage>.py and the per-stage entry points: global options may come in any position, e.g.
     `jobs/sessionize.py --date 2026-11-01 --conf cluster --set storage.user_buckets=4096`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(job_argv(command, list(sys.argv[1:] if argv is None else argv)))
+
+
+def job_argv(command: str, argv: list[str]) -> list[str]:
+    """A stage's arguments with the global ones (--conf, --set, -v) moved in front of the command."""
     global_args, rest, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
@@ -227,7 +231,7 @@ def job_main(command: str, argv: list[str] | None = None) -> int:
             continue
         (global_args if arg.startswith(("--conf=", "--set=")) or arg in ("-v", "--verbose") else rest).append(arg)
         i += 1
-    return main([*global_args, command, *rest])
+    return [*global_args, command, *rest]
 
 
 def _stage_entry(command: str):
