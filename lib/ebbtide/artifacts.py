@@ -61,7 +61,7 @@ def load_artifact(path: str | Path) -> tuple[InterestModel, dict, dict]:
 
 
 def latest_artifact(out_root: str | Path, name: str) -> Path:
-    versions = sorted(p for p in (Path(out_root) / name).glob("*") if not p.name.startswith("."))
+    versions = sorted(p for p in (Path(out_root) / name).glob("*") if p.is_dir() and not p.name.startswith("."))
     if not versions:
         raise FileNotFoundError(f"no trained {name} model under {out_root}")
     return versions[-1]

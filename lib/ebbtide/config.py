@@ -1,4 +1,8 @@
-"""Typed configuration: one model of every knob, loaded from conf/<env>.yaml and validated at start-up.
+"""Typed configuration: one model of every knob, loaded from an environment's YAML and validated at start-up.
+
+Environments (`local`, `cluster`, `databricks`) ship inside the package (`ebbtide/conf/<env>.yaml`, package data
+found with importlib.resources, so they load from a wheel, a `--py-files` zip or an editable checkout alike);
+any other YAML file is given by path.
 
 Overrides come from the command line as dotted keys (``--set sessionize.session_gap_minutes=20``); values are
 parsed as YAML scalars so numbers and booleans keep their types. Unknown keys, wrong types and bad values stop
@@ -8,13 +12,18 @@ the job with a message naming the key.
 from __future__ import annotations
 
 import datetime as dt
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def packaged_environments() -> dict[str, resources.abc.Traversable]:
+    """The YAML files shipped in ebbtide/conf, by environment name."""
+    conf = resources.files("ebbtide") / "conf"
+    return {f.name[:-5]: f for f in conf.iterdir() if f.name.endswith(".yaml")}
 
 
 class ConfigError(ValueError):
@@ -261,13 +270,33 @@ class EvaluateConf(_Strict):
 
 class NightlyConf(_Strict):
     model: ModelName = "decay_pool"
-    model_version: str | None = None     # an artifact folder; default: the latest of `model`
+    # An artifact folder or version name; default: the promoted version of `model` (`ebbtide promote`).
+    model_version: str | None = None
+    # promoted: follow the pointer `ebbtide promote` writes (production); latest: newest folder (the demo only).
+    follow: Literal["promoted", "latest"] = "promoted"
+    # Refuse a date whose sessionized data is missing or stale (no sessionize run for it, a gap the day before,
+    # or later dates loaded first); --allow-stale turns it off for one run.
+    require_fresh: bool = True
+    # Users with fewer events than this get the decayed-popularity fallback instead of the model's list.
+    min_events_for_model: int = Field(2, ge=1)
+    # The last slots of each model list go to the most popular items newer than the model (0 = none).
+    new_item_slots: int = Field(2, ge=0)
+    popularity_half_life_days: float = Field(2.0, gt=0)
+    # `ebbtide maintain` expires user_recommendations partitions and user_interest rows older than these.
+    recommendations_retention_days: int = Field(30, ge=1)
+    interest_retention_days: int = Field(180, ge=1)
     top_k: int = Field(20, ge=1)
     retention_days: int = Field(30, ge=1)   # users with an event in this horizon get an embedding
     batch_size: int = Field(1024, ge=1)
     item_block: int = Field(65_536, ge=1)   # items per block of the top-K matrix product
     exclude_consumed: bool = True
     incremental: bool = True
+
+    @model_validator(mode="after")
+    def _slots_fit(self) -> NightlyConf:
+        if self.new_item_slots >= self.top_k:
+            raise ValueError(f"nightly.new_item_slots ({self.new_item_slots}) must be < nightly.top_k ({self.top_k})")
+        return self
 
 
 class Config(_Strict):
@@ -324,20 +353,31 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def load_config(env: str | Path = "local", overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load conf/<env>.yaml (or a YAML path), apply dotted overrides, validate."""
-    path = Path(env)
-    if not path.suffix:
-        path = CONF_DIR / f"{env}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
-        raise ConfigError(f"no configuration {str(env)!r}: expected {path} (known environments: {known})")
-    tree = yaml.safe_load(path.read_text()) or {}
+    """Load a packaged environment by name (or a YAML path), apply dotted overrides, validate."""
+    source, text = _read_environment(env)
+    tree = yaml.safe_load(text) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{source}: top level must be a mapping")
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{path.name}: {_format_errors(err)}") from None
+        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+
+
+def _read_environment(env: str | Path) -> tuple[str, str]:
+    """(name for messages, YAML text) of a packaged environment name or a file path."""
+    text_env = str(env)
+    looks_like_path = isinstance(env, Path) or text_env.endswith((".yaml", ".yml")) or "/" in text_env
+    if looks_like_path:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigError(f"no configuration file {path}")
+        return path.name, path.read_text()
+    known = packaged_environments()
+    if text_env not in known:
+        raise ConfigError(f"no configuration {text_env!r} (known environments: {', '.join(sorted(known))}; "
+                          "or give a YAML file path)")
+    return f"{text_env}.yaml", known[text_env].read_text()

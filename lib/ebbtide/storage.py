@@ -163,10 +163,18 @@ class DeltaStorage(ABC):
     def optimize(self, spec: TableSpec) -> dict[str, Any]: ...
 
     @abstractmethod
-    def vacuum(self, spec: TableSpec, retention_hours: int | None = None) -> list[str]: ...
+    def vacuum(self, spec: TableSpec, retention_hours: int | None = None, enforce_retention: bool = True) -> list[str]:
+        """Delete files removed from the table more than retention_hours ago; returns the deleted paths.
+
+        With enforce_retention, a retention below the table's delta.deletedFileRetentionDuration is refused
+        (readers of older versions, and concurrent writers, still need those files)."""
 
     @abstractmethod
     def txn_version(self, spec: TableSpec, app_id: str) -> int | None: ...
+
+    @abstractmethod
+    def txn_versions(self, spec: TableSpec, app_ids: list[str], version: int | None = None) -> dict[str, int | None]:
+        """The application-transaction version of each app id in the snapshot at `version` (latest by default)."""
 
     @abstractmethod
     def protocol(self, spec: TableSpec) -> tuple[int, int]: ...
@@ -411,9 +419,19 @@ class RsStorage(DeltaStorage):
     def optimize(self, spec: TableSpec) -> dict[str, Any]:
         return self._table(spec).optimize.compact()
 
-    def vacuum(self, spec: TableSpec, retention_hours: int | None = None) -> list[str]:
+    def vacuum(self, spec: TableSpec, retention_hours: int | None = None, enforce_retention: bool = True) -> list[str]:
         hours = self.conf.vacuum_retention_hours if retention_hours is None else retention_hours
-        return self._table(spec).vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False)
+        try:
+            return self._table(spec).vacuum(retention_hours=hours, dry_run=False,
+                                            enforce_retention_duration=enforce_retention)
+        except Exception as err:  # delta-rs raises a generic DeltaError for the retention check
+            if "retention" in str(err).lower():
+                raise StorageError(f"vacuum {spec.name}: {err}") from None
+            raise
+
+    def txn_versions(self, spec: TableSpec, app_ids: list[str], version: int | None = None) -> dict[str, int | None]:
+        table = self._table(spec, version)   # one snapshot load; the lookups are in memory
+        return {app_id: table.transaction_version(app_id) for app_id in app_ids}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -556,10 +574,41 @@ class SparkDeltaStorage(DeltaStorage):
         rows = self._delta_table(spec).optimize().executeCompaction().collect()
         return rows[0].asDict(recursive=True) if rows else {}
 
-    def vacuum(self, spec: TableSpec, retention_hours: int | None = None) -> list[str]:
+    def vacuum(self, spec: TableSpec, retention_hours: int | None = None, enforce_retention: bool = True) -> list[str]:
+        """DeltaTable.vacuum() returns nothing, so the files are listed first with VACUUM ... DRY RUN (the same
+        retention rule), then deleted; delta-spark's retentionDurationCheck stays on unless told otherwise."""
         hours = self.conf.vacuum_retention_hours if retention_hours is None else retention_hours
-        self._delta_table(spec).vacuum(float(hours))
-        return []
+        target = f"{self._name(spec)}" if self._name(spec) else f"delta.`{self.location(spec)}`"
+        check = "spark.databricks.delta.retentionDurationCheck.enabled"
+        if not enforce_retention:
+            self.spark.conf.set(check, "false")
+        try:
+            listed = [r[0] for r in self.spark.sql(f"VACUUM {target} RETAIN {float(hours)} HOURS DRY RUN").collect()]
+            self._delta_table(spec).vacuum(float(hours))
+        finally:
+            if not enforce_retention:
+                self.spark.conf.unset(check)
+        return listed
+
+    def txn_versions(self, spec: TableSpec, app_ids: list[str], version: int | None = None) -> dict[str, int | None]:
+        # Like txn_version, from the log read as data; commits and checkpoints after `version` are left out.
+        log_dir = f"{self._detail(spec)['location'].rstrip('/')}/_delta_log"
+        found: dict[str, int | None] = dict.fromkeys(app_ids)
+        file_version = F.regexp_extract(F.col("_metadata.file_path"), r"(\d{20})\.[a-z.0-9]*(json|parquet)$", 1)
+        for fmt, pattern in (("json", "*.json"), ("parquet", "*.checkpoint*.parquet")):
+            try:
+                df = self.spark.read.format(fmt).load(f"{log_dir}/{pattern}")
+            except Exception:  # no checkpoint yet
+                continue
+            if "txn" not in df.columns:
+                continue
+            if version is not None:
+                df = df.where(file_version.cast("long") <= version)
+            rows = (df.where(F.col("txn.appId").isin(app_ids)).groupBy("txn.appId")
+                    .agg(F.max("txn.version").alias("v")).collect())
+            for app_id, v in rows:
+                found[app_id] = v if found[app_id] is None else max(found[app_id], v)
+        return found
 
     def txn_version(self, spec: TableSpec, app_id: str) -> int | None:
         # delta-spark has no public reader for SetTransaction actions; they live in the log (JSON commits

@@ -412,10 +412,10 @@ def launch(worker_args: WorkerArgs, cfg: Config) -> dict:
         return train_worker(payload)
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from ebbtide.spark import get_spark
+    from ebbtide.spark import get_spark, master_of
 
     spark = get_spark(cfg.spark)
-    local = spark.conf.get("spark.master", "local").startswith("local")
+    local = master_of(spark).startswith("local")
     return TorchDistributor(num_processes=t.num_processes, local_mode=local, use_gpu=t.use_gpu).run(
         train_worker, payload)
 
