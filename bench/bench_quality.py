@@ -128,11 +128,14 @@ def decay_recovery(work: Path, half_life: float, models: list[str]) -> dict:
 
     root = work / f"decay-{half_life:g}"
     shutil.rmtree(root, ignore_errors=True)
+    # Sessions about one half-life apart, over six half-lives: the decay is identifiable only where events are
+    # spaced on its scale.
     days = int(max(21, 6 * half_life))
+    sessions_per_day = min(2.0, max(0.25, 1.0 / half_life))
     gen = load_config("local", {"generate.out": str(root / "gen"), "generate.users": 3000, "generate.items": 1000,
                                 "generate.days": days, "generate.interest_half_life_days": half_life,
-                                "generate.sessions_per_user_day": 0.5, "generate.events_per_session": 4,
-                                "generate.start_date": "2026-01-01"}).generate
+                                "generate.sessions_per_user_day": sessions_per_day,
+                                "generate.events_per_session": 4, "generate.start_date": "2026-01-01"}).generate
     generate(gen, progress=False)
     last_day = gen.start_date + dt.timedelta(days=days - 1)
     dump = root / "raw" / f"date={last_day.isoformat()}"

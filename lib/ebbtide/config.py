@@ -95,7 +95,7 @@ class GenerateConf(_Strict):
     seconds_between_events: float = Field(45.0, gt=0)
     # The planted ground truth: every event excites interest in its category, which decays with this half-life.
     interest_half_life_days: float = Field(2.0, gt=0)
-    interest_excitation: float = Field(0.5, ge=0)     # per event, relative to the long-term taste (which sums to 1)
+    interest_excitation: float = Field(1.0, ge=0)     # per event, relative to the long-term taste (which sums to 1)
     novelty: float = Field(0.1, ge=0)                 # weight of a uniformly random category: new interests
     long_term_concentration: float = Field(0.3, gt=0)
     bad_record_rate: float = Field(0.0, ge=0, le=0.5)
@@ -190,8 +190,8 @@ class TrainConf(_Strict):
     dim: int = Field(64, ge=4)
     max_len: int = Field(50, ge=2)       # events per training window / history fed to the models
     # Training windows overlap by this many events, so (beyond a history's first events) every target is
-    # predicted from at least this much context; 0 = plain tiling. See feed.py.
-    window_context: int = Field(12, ge=0)
+    # predicted from at least this much context; 0 = plain tiling; unset = max_len // 4. See feed.py.
+    window_context: int | None = Field(None, ge=0)
     epochs: int = Field(60, ge=1)
     max_steps: int = Field(0, ge=0)      # 0 = no cap; else stop after this many optimizer steps in total
     batch_size: int = Field(128, ge=1)
@@ -220,7 +220,13 @@ class TrainConf(_Strict):
     cutoff: dt.date | None = None
     val_days: int = Field(1, ge=1)
     test_days: int = Field(1, ge=1)
-    model_settings: dict[ModelName, ModelSettings] = Field(default_factory=dict)
+    # Per model; these defaults were tuned on MovieLens 100k (make bench-quality) and suit data of that shape.
+    model_settings: dict[ModelName, ModelSettings] = Field(default_factory=lambda: {
+        "decay_pool": ModelSettings(dropout=0.1, half_lives_days=[0.1, 1.0, 10.0], lr=0.01),
+        "gru": ModelSettings(dropout=0.2, lr=0.003),
+        "lstm": ModelSettings(dropout=0.2, lr=0.003),
+        "decay_transformer": ModelSettings(dropout=0.2, layers=2, heads=2, lr=0.003, warmup_steps=40),
+        "long_short": ModelSettings(dropout=0.1, half_lives_days=[1.0, 30.0], lr=0.003)})
 
     @model_validator(mode="after")
     def _settings_fit(self) -> TrainConf:
@@ -243,6 +249,8 @@ class TrainConf(_Strict):
         options = {k: v for k, v in given.items() if k in MODEL_OPTIONS[name]}
         merged = self.model_dump()
         merged.update(overrides, model_settings={})
+        if merged["window_context"] is None:
+            merged["window_context"] = merged["max_len"] // 4
         return TrainConf.model_construct(**merged), options
 
 
