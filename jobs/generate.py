@@ -1,15 +1,5 @@
-"""spark-submit entry point for `ebbtide generate` (all logic lives in the ebbtide package).
-
-From the artifacts of `make package` (README, "Deploying"), from any directory:
-
-    spark-submit --master yarn --driver-memory 8g \
-      --packages io.delta:delta-spark_2.13:4.0.1 \
-      --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension \
-      --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog \
-      --archives ebbtide-env.tar.gz#environment --conf spark.pyspark.python=./environment/bin/python \
-      --py-files ebbtide-0.1.0.zip \
-      jobs/generate.py --conf cluster
-"""
+"""spark-submit entry point for `ebbtide generate`: all logic lives in the ebbtide package. The spark-submit line
+(wheel zip on --py-files, packed env on --archives, Delta packages) is in README, "Deploying"."""
 
 import sys
 
