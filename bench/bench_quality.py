@@ -34,7 +34,10 @@ RECBOLE = "recbole==1.2.1"
 # Peer figures on this protocol (leave-one-out, full ranking), for the printed comparison: RecBole 1.2.1 on a
 # 2-core CPU, its defaults (it does not mask seen items). See ../shared/facts.md.
 PEERS = {"RecBole GRU4Rec": {"ndcg@10": 0.0667, "hr@10": 0.1379, "seconds": 1100},
-         "RecBole SASRec": {"ndcg@10": 0.0549, "hr@10": 0.1262, "seconds": 970}}
+         "RecBole SASRec": {"ndcg@10": 0.0549, "hr@10": 0.1262, "seconds": 970},
+         # = our transition_popular refitted on training + validation events (reproduced exactly); ebbtide's own
+         # baselines fit training events only, like its models.
+         "transition+val": {"ndcg@10": 0.0792, "hr@10": 0.1453, "seconds": "-"}}
 PLANTED_HALF_LIVES = (0.5, 2.0, 8.0)
 TARGET_NDCG = 0.091    # 1.15x the first-order transition peer (0.0792, facts.md)
 
@@ -172,10 +175,11 @@ def print_real(real: dict) -> None:
               f"{p['seconds']:>17}")
     models = {n: r for n, r in real["results"].items() if r.get("training")}
     best = max(models, key=lambda n: models[n]["ndcg@10"])
-    transition = max(real["results"][n]["ndcg@10"] for n in ("transition", "transition_popular"))
+    transition = max([real["results"][n]["ndcg@10"] for n in ("transition", "transition_popular")]
+                     + [PEERS["transition+val"]["ndcg@10"]])
     popular = real["results"]["most_popular"]["ndcg@10"]
     print(f"  best model {best}: NDCG@10 {models[best]['ndcg@10']:.4f} (target >= {TARGET_NDCG}) = "
-          f"{models[best]['ndcg@10'] / transition:.2f}x the stronger transition baseline (target >= 1.15x), "
+          f"{models[best]['ndcg@10'] / transition:.2f}x the strongest transition baseline or peer (target >= 1.15x), "
           f"best epoch after {models[best]['training']['seconds_to_best']:.0f}s of training (target <= 120 s)")
     for name, r in models.items():
         print(f"  {name}: {r['ndcg@10'] / popular:.2f}x most_popular (target >= 1.5x)")
@@ -217,7 +221,10 @@ def main() -> int:
     if "decay" in out:
         print_decay(out["decay"])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(out, indent=2, default=float))
+    path = RESULTS / "quality.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    # A skipped section keeps its last results, so the two halves can be run separately.
+    path.write_text(json.dumps({**previous, **out}, indent=2, default=float))
     return 0
 
 
