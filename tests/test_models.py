@@ -75,13 +75,16 @@ def test_decay_pool_kernel_is_the_weighting_it_applies():
 
 
 def test_half_life_is_read_off_the_kernel():
-    days = np.linspace(0, 60, 6001)
-    assert kernel_half_life(0.3 + 0.7 * np.exp2(-days / 2.0), days, 0.3) == pytest.approx(2.0, abs=0.01)
-    assert kernel_half_life(np.ones_like(days), days, 1.0) == math.inf
+    for half_life in (0.0007, 2.0, 300.0):   # a minute to most of a year: exact at every scale
+        kernel = lambda d, h=half_life: 0.3 + 0.7 * np.exp2(-d / h)  # noqa: E731
+        assert kernel_half_life(kernel) == pytest.approx(half_life, rel=1e-6)
+    assert kernel_half_life(np.ones_like) == math.inf
     model = build_model("decay_pool", 10, 4, 8, 6, half_lives_days=[4.0])
     report = model.decay_report()
     assert report["part_half_life_days"] == pytest.approx([4.0])
-    assert report["half_life_days"] == pytest.approx(4.0, rel=0.01)   # one decaying part: its own half-life
+    assert report["half_life_days"] == pytest.approx(4.0, rel=1e-6)   # one decaying part: its own half-life
+    fast = build_model("decay_pool", 10, 4, 8, 6, half_lives_days=[0.001]).decay_report()
+    assert fast["half_life_days"] == pytest.approx(0.001, rel=1e-6)     # below any grid step
 
 
 def test_decay_states_carry_forward_exactly():

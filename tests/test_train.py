@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,14 +14,22 @@ import torch
 from ebbtide.artifacts import load_artifact, write_artifact
 from ebbtide.config import load_config
 from ebbtide.evaluate import BASELINES, EvalSet, evaluate_all, evaluate_model, rank_metrics
-from ebbtide.feed import SEQUENCE_COLUMNS, pin_snapshot, read_snapshot_frame, torch_batches, training_reader
+from ebbtide.feed import (
+    SEQUENCE_COLUMNS,
+    pin_snapshot,
+    read_snapshot_frame,
+    torch_batches,
+    training_reader,
+    window_fingerprints,
+)
 from ebbtide.generate import generate
 from ebbtide.models import build_model
+from ebbtide.models.base import Batch
 from ebbtide.sessionize import Sessionizer
 from ebbtide.split import SplitPlan, spark_training_events
 from ebbtide.storage import open_storage
 from ebbtide.tables import table_specs
-from ebbtide.train import WorkerArgs, launch, train_models, train_worker
+from ebbtide.train import WorkerArgs, launch, lockstep, train_models, train_step, train_worker
 
 START = dt.date(2026, 11, 1)
 LOO = SplitPlan("leave_one_out")
@@ -52,8 +61,8 @@ def _worker_args(cfg, storage, name, split=LOO, **extra) -> WorkerArgs:
                       split=split.as_dict(), n_types=4, item_log_q=None, **extra)
 
 
-def _windows(snap, rank, world, epoch=0, max_len=30, context=6):
-    with training_reader(snap, max_len, rank, world, epoch, 1, LOO, context) as reader:
+def _windows(snap, rank, world, epoch=0, max_len=30, context=6, seed=1):
+    with training_reader(snap, max_len, rank, world, epoch, seed, LOO, context) as reader:
         return [b for b in torch_batches(reader, 16, 0, seed=0)]
 
 
@@ -120,6 +129,11 @@ def test_ddp_ranks_stay_in_lock_step_and_resume_exactly(pipeline, tmp_path):
     ranks = full["per_rank"]
     assert ranks[0]["rows"] and ranks[1]["rows"] and not set(ranks[0]["rows"]) & set(ranks[1]["rows"])
     assert len(ranks[0]["rows"]) != len(ranks[1]["rows"]), "the fixture should give uneven shards"
+    # every window of both epochs was trained on, once: nothing dropped when the shorter shard ran out
+    t = cfg.train
+    expected = Counter(f for epoch in range(2) for batch in _windows(
+        pin_snapshot(storage, cfg), 0, 1, epoch, t.max_len, t.window_context, t.seed) for f in window_fingerprints(batch))
+    assert Counter(ranks[0]["rows"]) + Counter(ranks[1]["rows"]) == expected
     assert ranks[0]["checksum"] == ranks[1]["checksum"], "parameters identical on every rank"
     killed = dataclasses.replace(args, run_dir=str(tmp_path / "killed"), stop_after_steps=full["steps"] // 2 + 1,
                                  record_rows=False)
@@ -127,6 +141,52 @@ def test_ddp_ranks_stay_in_lock_step_and_resume_exactly(pipeline, tmp_path):
     resumed = launch(dataclasses.replace(killed, stop_after_steps=0), cfg)
     assert resumed["steps"] == full["steps"]
     assert resumed["final_params_checksum"] == pytest.approx(full["final_params_checksum"], rel=1e-12)
+
+
+def _uneven_batch(rows: slice) -> Batch:
+    """Four histories of different lengths (3, 5, 2 and 7 targets): rank 0 takes three, rank 1 one."""
+    g = torch.Generator().manual_seed(3)
+    histories = [(torch.randint(0, 20, (n,), generator=g).numpy(), np.arange(n, dtype=np.float64) * 3600.0,
+                  np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)) for n in (4, 6, 3, 8)]
+    return Batch.from_histories(histories[rows], 10)
+
+
+def _one_step(batch: Batch, world: int) -> dict:
+    """One train_step (plain SGD, lr 1, no clipping) of a fixed model on `batch`, under DDP when world > 1."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = build_model("decay_pool", 20, 1, 8, 10, dropout=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    run = SimpleNamespace(device=torch.device("cpu"), model=model, world=world, full_softmax=True, log_q=None,
+                          ddp=DistributedDataParallel(model) if world > 1 else model, optimizer=optimizer,
+                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                          t=SimpleNamespace(clip_norm=1e9))
+    batch, global_targets = next(iter(lockstep(iter([batch]), run)))
+    train_step(run, batch, global_targets)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_step_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.save(_one_step(_uneven_batch(slice(0, 3) if rank == 0 else slice(3, 4)), 2), f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_ddp_step_is_the_step_on_the_union_of_the_ranks_batches(tmp_path):
+    """Losses are averaged over all ranks' targets, not per rank: two ranks with 10 and 7 targets take exactly the
+    step one process takes on all 17."""
+    torch.multiprocessing.start_processes(_ddp_step_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                                          nprocs=2, start_method="spawn")
+    single = _one_step(_uneven_batch(slice(0, 4)), 1)
+    for rank in range(2):
+        ddp = torch.load(tmp_path / f"{rank}.pt")
+        for name, value in single.items():
+            torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_killed_run_resumes_to_the_same_weights(pipeline, tmp_path):

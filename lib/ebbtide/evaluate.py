@@ -25,7 +25,6 @@ from ebbtide.models.base import DAY_SECONDS, Batch, InterestModel
 from ebbtide.split import SplitPlan
 
 log = logging.getLogger(__name__)
-EVENT_WEIGHTS = np.array([1.0, 2.0, 3.0, 5.0])
 
 
 @dataclasses.dataclass
@@ -39,12 +38,14 @@ class EvalSet:
     full: pd.DataFrame           # histories as variable-length arrays (baselines)
     train: pd.DataFrame          # training-part events per user (baselines fit on these only)
     n_items: int
+    type_weights: np.ndarray | None = None   # weight of each event type code (sessionize.event_types); SAR uses it
 
     def __len__(self) -> int:
         return len(self.targets)
 
     @staticmethod
-    def build(snapshot: Snapshot, split: SplitPlan, which: str, max_len: int, novel_only: bool = True) -> EvalSet:
+    def build(snapshot: Snapshot, split: SplitPlan, which: str, max_len: int, novel_only: bool = True,
+              type_weights: np.ndarray | None = None) -> EvalSet:
         """novel_only: keep only users whose target is not already in their history (the population on which
         masking seen items is fair; with it off, nothing is masked and repeats count)."""
         frame = read_snapshot_frame(snapshot, SEQUENCE_COLUMNS)
@@ -65,7 +66,7 @@ class EvalSet:
                               "types": [r[2] for r in train_rows]})
         return EvalSet(batch, torch.tensor([r[5] for r in rows], dtype=torch.float64),
                        np.array([r[4] for r in rows], dtype=np.int64), [np.unique(r[0]) for r in rows],
-                       full, train, snapshot.n_items)
+                       full, train, snapshot.n_items, type_weights)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -164,10 +165,15 @@ def most_popular(eval_set: EvalSet, **_):
     return _constant_scores(np.bincount(items, minlength=eval_set.n_items).astype(float), eval_set)
 
 
+def _decayed(age_seconds: np.ndarray, half_life_days: float) -> np.ndarray:
+    """The baselines' time decay: weight 1/2 per half-life of age."""
+    return np.exp2(-age_seconds / (half_life_days * DAY_SECONDS))
+
+
 def decayed_popularity(eval_set: EvalSet, half_life_days: float = 2.0, **_):
     _, items, ts, _ = _train_events(eval_set)
     t_ref = ts.max() if len(ts) else 0.0
-    weights = np.exp2(-(t_ref - ts) / (half_life_days * DAY_SECONDS))
+    weights = _decayed(t_ref - ts, half_life_days)
     return _constant_scores(np.bincount(items, weights=weights, minlength=eval_set.n_items), eval_set)
 
 
@@ -193,8 +199,9 @@ def sar(eval_set: EvalSet, half_life_days: float = 7.0, chunk: int = 1024, **_):
         its = np.concatenate(part["items"].values).astype(np.int64)
         age = np.repeat(eval_set.t_query[start:start + chunk].numpy(), [len(x) for x in part["items"]]) - \
             np.concatenate(part["ts"].values)
-        weight = EVENT_WEIGHTS[np.clip(np.concatenate(part["types"].values), 0, 3)] * \
-            np.exp2(-age / (half_life_days * DAY_SECONDS))
+        types = np.concatenate(part["types"].values)
+        weight = (np.ones(len(types)) if eval_set.type_weights is None else eval_set.type_weights[types]) * \
+            _decayed(age, half_life_days)
         affinity = _user_item(rows, its, weight, len(part), n)
         yield start, torch.from_numpy((affinity @ similarity).toarray().astype(np.float32))
 
@@ -266,8 +273,9 @@ def evaluate_all(cfg, storage, artifacts: dict[str, Path] | None = None, out_dir
     snapshot = pin_snapshot(storage, cfg, versions.pop())
     split = SplitPlan.from_dict(next(iter(loaded.values()))[2]["split"])
     max_len = max(conf["max_len"] for _, conf, _ in loaded.values())
-    test_set = EvalSet.build(snapshot, split, "test", max_len, novel_only=e.exclude_seen)
-    val_set = EvalSet.build(snapshot, split, "val", max_len, novel_only=e.exclude_seen)
+    type_weights = np.array(list(cfg.sessionize.event_types.values()), dtype=float)
+    test_set, val_set = (EvalSet.build(snapshot, split, which, max_len, e.exclude_seen, type_weights)
+                         for which in ("test", "val"))
     chosen = fit_baselines(val_set, e.baseline_half_lives_days, e.exclude_seen)
     results = {}
     for name, (fn, _) in BASELINES.items():
@@ -324,12 +332,15 @@ def write_report(out: Path, results: dict, decay: dict, loaded: dict, truth: dic
             f"{r[f'hr@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r[f'mrr@{k}']:.4f} | {r[f'coverage@{k}']:.3f}"
             for k in ks) + f" | {seconds} | {settings} |")
     lines += ["", "## Learned decay", "", "Weight a model gives a past event, relative to an event happening now "
-              "(models.base.kernel_half_life: the half-life of the part of that weight which decays)."]
+              "(models.base.kernel_half_life: the half-life of the part of that weight which decays). "
+              "decay_pool applies exactly this weight; long_short reports its long-term part (its session "
+              "attention does not decay with time); decay_transformer reports its first layer's time multiplier "
+              "(1 + days)^-rate averaged over heads; gru and lstm have no explicit kernel."]
     if truth.get("interest_half_life_days"):
         lines.append(f"Planted short-term interest half-life: **{truth['interest_half_life_days']:g} days**.")
     for name, d in decay.items():
         if d:
-            lines.append(f"- {name}: half-life **{d['half_life_days']:.2f} days**, non-decaying share "
+            lines.append(f"- {name}: half-life **{d['half_life_days']:.3g} days**, non-decaying share "
                          f"{d['kernel_floor']:.2f}" + "".join(f"; {k} " + ", ".join(f"{v:.3g}" for v in d[k])
                                                              for k in ("part_half_life_days", "mix") if k in d))
     lines += ["", "## Training", ""]
@@ -393,16 +404,18 @@ def _plot_decay(path: Path, decay: dict, planted: float | None) -> None:
         if not d:
             continue
         days, kernel, floor = np.asarray(d["kernel_days"]), np.asarray(d["kernel"]), d["kernel_floor"]
-        shown = days <= horizon
+        shown = (days > 0) & (days <= horizon)   # log axis: decay within a session (minutes) stays visible
         left.plot(days[shown], ((kernel - floor) / (kernel[0] - floor))[shown],
-                  label=f"{name} (half-life {d['half_life_days']:.2f} d)")
+                  label=f"{name} (half-life {d['half_life_days']:.3g} d)")
         right.plot(days[shown], kernel[shown], label=name)
     if planted:
-        grid = np.linspace(0, horizon, 200)
+        grid = np.geomspace(1e-5, horizon, 200)
         left.plot(grid, np.exp2(-grid / planted), "k--", lw=2, label=f"planted (half-life {planted:g} d)")
     left.set(xlabel="days since the event", ylabel="decaying part of the weight (1 at age 0)",
              title="Learned decay vs the planted curve")
     right.set(xlabel="days since the event", ylabel="weight (1 at age 0)", title="Whole kernel (floor = long-term)")
+    for axis in (left, right):
+        axis.set_xscale("log")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     fig.tight_layout()

@@ -14,6 +14,7 @@ different windows from epoch to epoch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -177,6 +178,12 @@ def torch_batches(reader, batch_size: int, shuffle_buffer: int, seed: int):
             torch.set_rng_state(outer_state)
         yield Batch(sample["items"].long(), sample["ts"].to(torch.float64), sample["types"].long(),
                     sample["sessions"].long(), sample["length"].long(), sample["first_target"].long())
+
+
+def window_fingerprints(batch: Batch) -> list[str]:
+    """A stable fingerprint of each window in a batch (its padded times), equal across processes (Python's own
+    hash() of bytes is salted per process): tests compare what every rank read with what the epoch holds."""
+    return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in batch.ts.numpy()]
 
 
 def read_snapshot_frame(snapshot: Snapshot, columns: list[str] | None = None) -> pd.DataFrame:

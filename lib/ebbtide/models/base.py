@@ -14,13 +14,14 @@ is derived in one place (``kernel_half_life``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-DAY_SECONDS = 86_400.0
+from ebbtide.split import DAY_SECONDS  # noqa: F401  (one definition; models and callers use it)
 
 
 @dataclass
@@ -132,33 +133,43 @@ class InterestModel(nn.Module, ABC):
     def decay_report(self) -> dict:
         """The learned decay as reported (artifact meta, evaluation report): the kernel sampled on a grid of ages
         and its half-life; models without an explicit decay report nothing."""
-        grid = torch.tensor([*KERNEL_GRID_DAYS, float("inf")], dtype=torch.float64)
-        with torch.no_grad():
-            kernel = self.decay_kernel(grid)
-        if kernel is None:
+        if self.decay_kernel(torch.zeros(1, dtype=torch.float64)) is None:
             return {}
-        kernel = kernel.double().numpy()
-        return {"kernel_days": KERNEL_GRID_DAYS, "kernel": kernel[:-1].tolist(), "kernel_floor": float(kernel[-1]),
-                "half_life_days": kernel_half_life(kernel[:-1], np.asarray(KERNEL_GRID_DAYS), kernel[-1])}
+
+        def kernel(days: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return self.decay_kernel(torch.as_tensor(days, dtype=torch.float64)).double().numpy()
+
+        return {"kernel_days": KERNEL_GRID_DAYS, "kernel": kernel(np.asarray(KERNEL_GRID_DAYS)).tolist(),
+                "kernel_floor": float(kernel(np.array([np.inf]))[0]), "half_life_days": kernel_half_life(kernel)}
 
 
-# Ages at which a decay kernel is reported: fine near 0, out to a year.
-KERNEL_GRID_DAYS = np.unique(np.concatenate([np.linspace(0, 2, 81), np.linspace(2, 30, 113),
-                                             np.geomspace(30, 365, 40)])).tolist()
+# Ages at which a decay kernel is reported and plotted: log-spaced from seconds (bursts of events in one
+# session decay on that scale), fine near 0, out to a year.
+KERNEL_GRID_DAYS = np.unique(np.concatenate([[0.0], np.geomspace(1e-5, 2, 80), np.linspace(0, 2, 81),
+                                             np.linspace(2, 30, 113), np.geomspace(30, 365, 40)])).tolist()
+HALF_LIFE_RANGE_DAYS = (1e-7, 3650.0)
 
 
-def kernel_half_life(kernel: np.ndarray, days: np.ndarray, floor: float) -> float:
-    """Half-life of the decaying part of a kernel sampled at `days` (days[0] = 0): the age at which
-    kernel - floor falls to half its value at age 0, where floor is the weight that never decays (the kernel's
-    limit). inf when nothing decays or the decaying part has not halved within the grid."""
-    decaying = kernel - floor
-    below = np.nonzero(decaying <= decaying[0] / 2)[0]
-    if decaying[0] <= 1e-9 * max(abs(kernel[0]), 1e-30) or not len(below):
+def kernel_half_life(kernel: Callable[[np.ndarray], np.ndarray]) -> float:
+    """Half-life of the decaying part of a kernel (a non-increasing function of age in days): the age at which
+    kernel - floor falls to half its value at age 0, where floor = kernel(inf) is the weight that never decays.
+    Found by bisection on log(age) on the kernel itself, so it is exact at any time scale; inf when nothing
+    decays or it has not halved within ten years, the range's low end when it halves within 0.01 s."""
+    floor, start = kernel(np.array([np.inf, 0.0])).astype(float)
+    decaying = start - floor
+    if decaying <= 1e-9 * max(abs(start), 1e-30):
         return float("inf")
-    i = int(below[0])
-    # linear interpolation between the grid ages around the crossing
-    x0, x1, y0, y1 = days[i - 1], days[i], decaying[i - 1], decaying[i]
-    return float(x0 + (y0 - decaying[0] / 2) * (x1 - x0) / (y0 - y1)) if y0 != y1 else float(x1)
+    lo, hi = np.log(HALF_LIFE_RANGE_DAYS[0]), np.log(HALF_LIFE_RANGE_DAYS[1])
+    above_half = lambda log_days: kernel(np.array([np.exp(log_days)]))[0] - floor > decaying / 2  # noqa: E731
+    if above_half(hi):
+        return float("inf")
+    if not above_half(lo):
+        return HALF_LIFE_RANGE_DAYS[0]
+    for _ in range(60):  # 60 halvings of a 24-wide log interval: relative precision ~1e-17
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if above_half(mid) else (lo, mid)
+    return float(np.exp((lo + hi) / 2))
 
 
 def elapsed_days(t_query: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,12 @@ a non-decaying long-term part pi_0 and K decaying parts) and a learned log-weigh
 
     u(t) = head( sum_j a_j e_j / (sum_j a_j + lambda) )
 
-with e_j the event's item (+ type) embedding and lambda a learned pseudo-count. Read between events, this is the
-exponentially weighted moving average u_t = alpha * u_(t-1) + (1 - alpha) * e_new of the seed articles with
-alpha = m / (m + a_new), m the decayed mass of the earlier events: every new event pulls the average towards
-itself, older events fade at the learned rates. kappa is the only weighting in the model, so it is exactly
+with e_j the event's item (+ type) embedding and lambda a learned pseudo-count. Read at a new event, the pooled
+vector (before the head) is the moving average v_t = alpha * v'_(t-1) + (1 - alpha) * e_new of the seed articles
+with alpha = (m + lambda) / (m + lambda + a_new), m the decayed mass of the earlier events and v'_(t-1) the earlier
+average carried to t (sum of decayed a_j e_j / (m + lambda)): every new event pulls the average towards itself,
+older events fade at the learned rates, and with no events the average shrinks towards 0 as m fades against
+lambda. kappa is the only weighting in the model, so it is exactly
 what the report plots; its half-life is that of the decaying part (models.base.kernel_half_life). lambda makes an
 idle user's short-term part fade (the mass shrinks while lambda stays), leaving the long-term taste pi_0.
 
