@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in result["results"].items():
         print(f"  {name:<24}" + "".join(f"{r[f'hr@{k}']:>9.4f}{r[f'ndcg@{k}']:>9.4f}{r[f'mrr@{k}']:>9.4f}"
                                         for k in ks))
-    print(f"  planted half-life {g.interest_half_life_days} days; learned: " + "; ".join(
-        f"{n} " + ", ".join(f"{h:.2f}d" for h in d["half_life_days"])
-        for n, d in result["decay"].items() if "half_life_days" in d))
+    print(f"  planted half-life {g.interest_half_life_days} days; reported (decaying part of each kernel): "
+          + "; ".join(f"{n} {d['half_life_days']:.3g} d" for n, d in result["decay"].items() if d))
+    print("  " + best_model_line(result["results"]))
 
     from ebbtide.nightly import Nightly
 
@@ -87,16 +87,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== nightly {cfg.nightly.model}: {nights[0]} (full encode), then {len(nights) - 1} idle nights "
           "(decay states rescaled, no re-encoding)")
     user = seq.user_id
-    half_lives = next((d["half_life_days"] for n, d in result["decay"].items() if n == cfg.nightly.model), None)
+    parts = (result["decay"].get(cfg.nightly.model) or {}).get("part_half_life_days")
+    timescales = "long-term, " + ", ".join(f"{h:.2f}d" for h in parts) if parts else "n/a"
     for night in nights:
         print("  " + nightly.run(night).line())
         row = storage.read(specs["user_interest"]).where(f"user_id = '{user}'").first()
         recs = storage.read(specs["user_recommendations"], where={"as_of": [night]}) \
             .where(f"user_id = '{user}'").orderBy("rank").limit(5).collect()
         masses = ", ".join(f"{m:.3f}" for m in row.decay_mass) if row.decay_mass else "n/a"
-        print(f"    {user} as of {night}: interest mass per timescale ({', '.join(f'{h:.2f}d' for h in half_lives or [])})"
+        print(f"    {user} as of {night}: interest mass per timescale ({timescales})"
               f" = [{masses}], |u| = {row.norm:.3f}; top items: {', '.join(r.item_id for r in recs)}")
     return 0
+
+
+def best_model_line(results: dict) -> str:
+    """The model best on validation against the strongest baseline, on test NDCG@10."""
+    models = {n: r for n, r in results.items() if r.get("training")}
+    baselines = {n: r for n, r in results.items() if not r.get("training")}
+    best = max(models, key=lambda n: models[n]["training"]["best_val_ndcg@10"])
+    rival = max(baselines, key=lambda n: baselines[n]["ndcg@10"])
+    ratio = models[best]["ndcg@10"] / max(baselines[rival]["ndcg@10"], 1e-12)
+    return (f"best model on validation: {best}, test NDCG@10 {models[best]['ndcg@10']:.4f} = {ratio:.2f}x the "
+            f"strongest baseline ({rival}, {baselines[rival]['ndcg@10']:.4f})")
 
 
 if __name__ == "__main__":
