@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="row counts, versions and protocol of every table")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("forget-user", help="delete users from every table; VACUUM completes physical deletion")
+    p.add_argument("user_ids", nargs="+", metavar="USER_ID")
+
     p = sub.add_parser("maintain", help="compact small files and/or vacuum removed ones")
     p.add_argument("--optimize", action="store_true")
     p.add_argument("--vacuum", action="store_true")
@@ -134,6 +137,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             for t in summary:
                 print(f"{t['table']:<18} " + (f"v{t['version']:<4} {t['rows']:>12,} rows {t['files']:>5} files "
                                               f"protocol {tuple(t['protocol'])}" if t["exists"] else "missing"))
+    elif args.command == "forget-user":
+        from ebbtide.forget import forget_users
+
+        for table, rows in forget_users(cfg, storage, args.user_ids).items():
+            print(f"{table:<22} {rows:>10,} rows deleted")
+        print("old files keep the rows until `ebbtide maintain --vacuum --retention-hours 0` (see README)")
     elif args.command == "maintain":
         from ebbtide.tables import table_specs
 

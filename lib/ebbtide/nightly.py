@@ -37,7 +37,7 @@ from ebbtide.config import Config
 from ebbtide.feed import seconds
 from ebbtide.models import build_model
 from ebbtide.models.base import Batch
-from ebbtide.storage import AppTxn, DeltaStorage
+from ebbtide.storage import AppTxn, DeltaStorage, unit_of_work
 from ebbtide.tables import table_specs
 from ebbtide.train import latest_artifact, load_artifact
 
@@ -196,6 +196,7 @@ class Nightly:
         n = self.cfg.nightly
         return Path(n.model_version) if n.model_version else latest_artifact(self.cfg.train.output, n.model)
 
+    @unit_of_work("nightly", writes=("item_embeddings", "user_recommendations", "user_interest"))
     def run(self, as_of: dt.date, full: bool = False) -> NightlyReport:
         started = time.time()
         n, specs, storage = self.cfg.nightly, self.specs, self.storage

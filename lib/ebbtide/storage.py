@@ -136,12 +136,13 @@ def clustered(spec: TableSpec, df: DataFrame) -> DataFrame:
     return out
 
 
-def unit_of_work(kind: str):
-    """Method decorator: the method runs as one storage job (see `DeltaStorage.job`); `self.storage` is the seam."""
+def unit_of_work(kind: str, writes: tuple[str, ...] = ()):
+    """Method decorator: the method runs as one storage job (see `DeltaStorage.job`) that writes the tables named
+    in `writes` (keys of `self.specs`); `self.storage` is the seam."""
     def wrap(method):
         @functools.wraps(method)
         def run(self, *args, **kwargs):
-            with self.storage.job(kind, " ".join(str(a) for a in args)):
+            with self.storage.job(kind, " ".join(str(a) for a in args), [self.specs[n] for n in writes]):
                 return method(self, *args, **kwargs)
         return run
     return wrap
@@ -165,16 +166,21 @@ class DeltaStorage(ABC):
 
     # -- units of work ----------------------------------------------------------------------------------
     @contextmanager
-    def job(self, kind: str, label: str = "") -> Iterator[None]:
+    def job(self, kind: str, label: str = "", writes: list[TableSpec] = ()) -> Iterator[None]:
         """One job run (a sessionize date, a nightly date) as one unit of work: each table it touches is pinned at
         the version the job first saw, and every commit fails with `TableConflictError` if another writer has
-        since committed to a partition the job read. A failed job leaves the commits it made; re-running it
+        since committed to a partition the job read. The tables in `writes` are pinned whole when the job starts:
+        of two overlapping jobs that write the same tables, the first to commit to a table wins it and the other
+        fails there, before it commits anything more. A failed job leaves the commits it made; re-running it
         completes the work (every job is idempotent)."""
         if self._job is not None:
             raise StorageError(f"{kind} {label}: this storage object already runs {self._job.kind} "
                                f"{self._job.label}; use one storage object per concurrent job")
         self._job = _Job(kind, label)
         try:
+            for spec in writes:
+                version = self.version(spec)
+                self._pin(spec, version).note(None, version)
             yield
             faults.point(f"end:{kind}")
         finally:
@@ -218,6 +224,10 @@ class DeltaStorage(ABC):
     @abstractmethod
     def read_matching(self, spec: TableSpec, keys: DataFrame, where: WhereValues | None = None) -> DataFrame:
         """Rows whose values in `keys.columns` appear in `keys`, from every partition (or those in `where`)."""
+
+    @abstractmethod
+    def partition_values(self, spec: TableSpec, column: str) -> list[Any]:
+        """The distinct values of a partition column in the latest snapshot."""
 
     @abstractmethod
     def active_files(self, spec: TableSpec, version: int | None = None) -> list[ActiveFile]: ...
@@ -382,6 +392,9 @@ class RsStorage(DeltaStorage):
 
     def read(self, spec: TableSpec, version: int | None = None, where: WhereValues | None = None) -> DataFrame:
         return self._read_files(spec, self._snapshot(spec, version, where))
+
+    def partition_values(self, spec: TableSpec, column: str) -> list[Any]:
+        return sorted({f.partition_values[column] for f in self._snapshot(spec, None, None)} - {None})
 
     def read_matching(self, spec: TableSpec, keys: DataFrame, where: WhereValues | None = None) -> DataFrame:
         files = self._snapshot(spec, None, where)
@@ -766,6 +779,9 @@ class SparkDeltaStorage(DeltaStorage):
 
     def read_matching(self, spec: TableSpec, keys: DataFrame, where: WhereValues | None = None) -> DataFrame:
         return self.read(spec, where=where).join(keys.distinct(), keys.columns, "left_semi")
+
+    def partition_values(self, spec: TableSpec, column: str) -> list[Any]:
+        return sorted(r[0] for r in self.read(spec).select(column).distinct().collect() if r[0] is not None)
 
     def active_files(self, spec: TableSpec, version: int | None = None) -> list[ActiveFile]:
         # inputFiles() comes from Delta's snapshot file index: the active files of that version only.
