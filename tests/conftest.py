@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 from ebbtide.config import load_config
@@ -32,3 +33,21 @@ def make_config(tmp_path):
         return load_config("local", base)
 
     return build
+
+
+# Figures of the reliability tests (fault injection, re-run/backfill orders, hostile input), printed at the end.
+FIGURE_NAMES = ("faults injected", "faults survived", "orders tried", "re-runs tried", "corrected re-runs tried",
+                "concurrent runs tried", "bad-input kinds tried", "rows lost", "rows duplicated")
+FIGURES: Counter = Counter()
+
+
+@pytest.fixture
+def figures() -> Counter:
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name in FIGURE_NAMES:
+            terminalreporter.write_line(f"{name:<24} {FIGURES[name]}")
