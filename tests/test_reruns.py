@@ -132,6 +132,27 @@ def test_rerun_with_corrected_input_replaces_that_dates_events(env):
     check_invariants(storage, cfg)
 
 
+def test_a_corrected_input_that_shrinks_a_full_window_refills_it_from_history(spark, make_config, tmp_path):
+    """A sequence keeps the last max_len events; when recent events are withdrawn, older ones must come back."""
+    raw = tmp_path / "raw"
+    cfg = make_config(sessionize__input=str(raw), sessionize__max_len=3, train__max_len=3, storage__user_buckets=2)
+    storage = open_storage(spark, cfg.storage)
+    job = Sessionizer(spark, cfg, storage)
+    for i, day in enumerate(D[:5]):
+        write_day(raw, day, [ev("u1", f"i{i}", f"{day}T12:00:00Z", event_id=f"e{i}")])
+    for day in D[:5]:
+        job.run(day)
+    assert sequence(storage, cfg, "u1").n_events == 5
+    write_day(raw, D[4], [ev("u2", "x", f"{D[4]}T12:00:00Z")])        # D5's only event of u1 withdrawn
+    job.run(D[4])
+    write_day(raw, D[3], [ev("u2", "y", f"{D[3]}T12:00:00Z")])        # and D4's
+    job.run(D[3])
+    seq = sequence(storage, cfg, "u1")
+    vocab = {r.item_idx: r.item_id for r in storage.read(table_specs(cfg)["item_vocab"]).collect()}
+    assert [vocab[i] for i in seq.item_idx] == ["i0", "i1", "i2"] and seq.n_events == 3
+    check_invariants(storage, cfg)
+
+
 def test_empty_day_folder_is_refused_and_keeps_that_days_data(env, tmp_path):
     """Bug 10: an empty JSON day folder succeeded and wiped that date's quarantine."""
     raw, cfg, storage, job = env

@@ -398,10 +398,11 @@ class Sessionizer:
                 "n_before", F.greatest(F.lit(conf.max_len) - F.col("n_fresh"), F.lit(0)))).select("user_id")
             fresh_cut = cut
             if not short.isEmpty():
-                history = self._events_after(plan, existing).join(short, "user_id", "left_semi")
+                every_day = sorted(set(existing) | set(plan.dates))
+                history = self._events_after(plan, every_day).join(short, "user_id", "left_semi")
                 gap_us, max_us = int(conf.session_gap_minutes * 60e6), int(conf.max_session_minutes * 60e6)
                 fresh_cut = cut.join(short, "user_id", "left_anti").unionByName(
-                    sessionize_events(history, gap_us, max_us))
+                    sessionize_events(history, gap_us, max_us), allowMissingColumns=True)
                 kept_old = kept_old.join(short, "user_id", "left_anti")
             rows = self._sequence_rows(kept_old, fresh_cut, stats)
             self.storage.merge(spec, rows, delete_flag="_delete")
