@@ -51,3 +51,21 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("reliability figures")
         for name in FIGURE_NAMES:
             terminalreporter.write_line(f"{name:<24} {FIGURES[name]}")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability", action="store_true",
+                     help="also run the long reliability suite (tests marked reliability; `make reliability`)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reliability: the long fault-injection / backfill suite (make reliability)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reliability"):
+        return
+    long = [item for item in items if "reliability" in item.keywords]
+    if long:
+        config.hook.pytest_deselected(items=long)
+        items[:] = [item for item in items if "reliability" not in item.keywords]
