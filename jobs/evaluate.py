@@ -1,7 +1,5 @@
-"""spark-submit entry point for `ebbtide evaluate` (all logic lives in lib/ebbtide).
-
-    spark-submit --packages io.delta:delta-spark_2.13:4.0.1 ... jobs/evaluate.py --conf cluster
-"""
+"""spark-submit entry point for `ebbtide evaluate`: all logic lives in the ebbtide package. The spark-submit line
+(wheel zip on --py-files, packed env on --archives, Delta packages) is in README, "Deploying"."""
 
 import sys
 

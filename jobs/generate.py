@@ -1,10 +1,5 @@
-"""spark-submit entry point for `ebbtide generate` (all logic lives in lib/ebbtide).
-
-    spark-submit --packages io.delta:delta-spark_2.13:4.0.1 \
-      --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension \
-      --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog \
-      jobs/generate.py --conf cluster
-"""
+"""spark-submit entry point for `ebbtide generate`: all logic lives in the ebbtide package. The spark-submit line
+(wheel zip on --py-files, packed env on --archives, Delta packages) is in README, "Deploying"."""
 
 import sys
 

@@ -1,7 +1,5 @@
-"""spark-submit entry point for `ebbtide nightly` (all logic lives in lib/ebbtide).
-
-    spark-submit --packages io.delta:delta-spark_2.13:4.0.1 ... jobs/nightly.py --conf cluster --as-of 2026-11-07
-"""
+"""spark-submit entry point for `ebbtide nightly`: all logic lives in the ebbtide package. The spark-submit line
+(wheel zip on --py-files, packed env on --archives, Delta packages) is in README, "Deploying"."""
 
 import sys
 

@@ -1,10 +1,5 @@
-"""spark-submit entry point for `ebbtide sessionize` (all logic lives in lib/ebbtide).
-
-    spark-submit --packages io.delta:delta-spark_2.13:4.0.1 \
-      --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension \
-      --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog \
-      jobs/sessionize.py --conf cluster --date 2026-11-01
-"""
+"""spark-submit entry point for `ebbtide sessionize`: all logic lives in the ebbtide package. The spark-submit line
+(wheel zip on --py-files, packed env on --archives, Delta packages) is in README, "Deploying"."""
 
 import sys
 

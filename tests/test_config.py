@@ -57,3 +57,18 @@ def test_cli_stops_with_exit_code_2_on_bad_config(capsys):
 
 def test_java_check_passes_here():
     assert subprocess.run([sys.executable, "tools/check_java.py"]).returncode == 0
+
+
+def test_a_yaml_path_still_loads(tmp_path):
+    path = tmp_path / "site.yaml"
+    path.write_text("env: site\nstorage: {root: /srv/tables}\n")
+    cfg = load_config(str(path), ["nightly.top_k=7"])
+    assert (cfg.env, cfg.storage.root, cfg.nightly.top_k) == ("site", "/srv/tables", 7)
+    with pytest.raises(ConfigError, match="no configuration file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_environments_are_package_data():
+    from ebbtide.config import packaged_environments
+
+    assert set(packaged_environments()) >= {"local", "cluster", "databricks"}

@@ -1,4 +1,8 @@
-"""Typed configuration: one model of every knob, loaded from conf/<env>.yaml and validated at start-up.
+"""Typed configuration: one model of every knob, loaded from an environment's YAML and validated at start-up.
+
+Environments (`local`, `cluster`, `databricks`) ship inside the package (`ebbtide/conf/<env>.yaml`, package data
+found with importlib.resources, so they load from a wheel, a `--py-files` zip or an editable checkout alike);
+any other YAML file is given by path.
 
 Overrides come from the command line as dotted keys (``--set sessionize.session_gap_minutes=20``); values are
 parsed as YAML scalars so numbers and booleans keep their types. Unknown keys, wrong types and bad values stop
@@ -8,13 +12,18 @@ the job with a message naming the key.
 from __future__ import annotations
 
 import datetime as dt
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def packaged_environments() -> dict[str, resources.abc.Traversable]:
+    """The YAML files shipped in ebbtide/conf, by environment name."""
+    conf = resources.files("ebbtide") / "conf"
+    return {f.name[:-5]: f for f in conf.iterdir() if f.name.endswith(".yaml")}
 
 
 class ConfigError(ValueError):
@@ -85,10 +94,10 @@ class GenerateConf(_Strict):
     sessions_per_user_day: float = Field(0.6, gt=0)
     events_per_session: float = Field(6.0, ge=1)
     seconds_between_events: float = Field(45.0, gt=0)
-    # The planted ground truth: short-lived interests decay with this half-life.
+    # The planted ground truth: every event excites interest in its category, which decays with this half-life.
     interest_half_life_days: float = Field(2.0, gt=0)
-    short_interests_per_user: int = Field(4, ge=0, le=64)
-    short_interest_strength: float = Field(3.0, ge=0)
+    interest_excitation: float = Field(1.0, ge=0)     # per event, relative to the long-term taste (which sums to 1)
+    novelty: float = Field(0.1, ge=0)                 # weight of a uniformly random category: new interests
     long_term_concentration: float = Field(0.3, gt=0)
     bad_record_rate: float = Field(0.0, ge=0, le=0.5)
     duplicate_rate: float = Field(0.0, ge=0, le=0.5)
@@ -143,18 +152,57 @@ class SessionizeConf(_Strict):
         return self
 
 
+ModelName = Literal["decay_pool", "gru", "lstm", "decay_transformer", "long_short"]
+# The constructor options each model takes (models/__init__.py builds them); train.model_settings may set these.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "decay_pool": ("dropout", "half_lives_days"),
+    "gru": ("dropout", "layers"),
+    "lstm": ("dropout", "layers"),
+    "decay_transformer": ("dropout", "layers", "heads"),
+    "long_short": ("dropout", "half_lives_days"),
+}
+# Training knobs a model's settings may override (the train section holds the shared values).
+TRAINING_OVERRIDES = ("lr", "weight_decay", "epochs", "patience", "batch_size", "warmup_steps", "window_context")
+
+
+class ModelSettings(_Strict):
+    """train.model_settings.<model>: that model's options and its overrides of the shared training knobs."""
+
+    dropout: float | None = Field(None, ge=0, lt=1)
+    layers: int | None = Field(None, ge=1, le=12)
+    heads: int | None = Field(None, ge=1, le=16)
+    half_lives_days: list[float] | None = None
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    epochs: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    window_context: int | None = Field(None, ge=0)
+
+    @field_validator("half_lives_days")
+    @classmethod
+    def _positive_half_lives(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(h <= 0 for h in value)):
+            raise ValueError("half_lives_days must be a non-empty list of positive days")
+        return value
+
+
 class TrainConf(_Strict):
-    models: list[Literal["decay_pool", "gru", "lstm", "decay_transformer", "long_short"]] = Field(
+    models: list[ModelName] = Field(
         default_factory=lambda: ["decay_pool", "gru", "decay_transformer", "long_short"])
     output: str = "data/models"          # one folder per model and version
     dim: int = Field(64, ge=4)
-    max_len: int = Field(50, ge=2)       # history window fed to the models (<= sessionize.max_len)
-    epochs: int = Field(5, ge=1)
+    max_len: int = Field(50, ge=2)       # events per training window / history fed to the models
+    # Training windows overlap by this many events, so (beyond a history's first events) every target is
+    # predicted from at least this much context; 0 = plain tiling; unset = max_len // 4. See feed.py.
+    window_context: int | None = Field(None, ge=0)
+    epochs: int = Field(60, ge=1)
     max_steps: int = Field(0, ge=0)      # 0 = no cap; else stop after this many optimizer steps in total
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
     decay_lr_multiplier: float = Field(10.0, gt=0)   # learning-rate factor for the time-scale parameters
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)          # on dense layers only: never on embeddings or time scales
     warmup_steps: int = Field(20, ge=0)
     clip_norm: float = Field(1.0, gt=0)
     # Full softmax up to this many items; above it, sampled softmax with log-Q correction and in-batch negatives.
@@ -168,7 +216,7 @@ class TrainConf(_Strict):
     seed: int = 13
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    patience: int = Field(2, ge=1)        # epochs without validation NDCG@10 gain before early stop
+    patience: int = Field(10, ge=1)       # epochs without validation NDCG@10 gain before early stop
     resume: bool = True
     num_processes: int = Field(1, ge=1)   # >1: DDP through TorchDistributor
     use_gpu: bool = False
@@ -177,13 +225,45 @@ class TrainConf(_Strict):
     cutoff: dt.date | None = None
     val_days: int = Field(1, ge=1)
     test_days: int = Field(1, ge=1)
+    # Per model; these defaults were tuned on MovieLens 100k (make bench-quality) and suit data of that shape.
+    model_settings: dict[ModelName, ModelSettings] = Field(default_factory=lambda: {
+        "decay_pool": ModelSettings(dropout=0.1, half_lives_days=[0.1, 1.0, 10.0], lr=0.01),
+        "gru": ModelSettings(dropout=0.2, lr=0.003),
+        "lstm": ModelSettings(dropout=0.2, lr=0.003),
+        "decay_transformer": ModelSettings(dropout=0.2, layers=2, heads=2, lr=0.003, warmup_steps=40),
+        "long_short": ModelSettings(dropout=0.1, half_lives_days=[1.0, 30.0], lr=0.003)})
+
+    @model_validator(mode="after")
+    def _settings_fit(self) -> TrainConf:
+        for name, settings in self.model_settings.items():
+            given = settings.model_dump(exclude_none=True)
+            wrong = [k for k in given if k not in MODEL_OPTIONS[name] and k not in TRAINING_OVERRIDES]
+            if wrong:
+                raise ValueError(f"model_settings.{name}: {wrong} do not apply to {name} "
+                                 f"(options: {list(MODEL_OPTIONS[name])}, overrides: {list(TRAINING_OVERRIDES)})")
+        for name in self.models:
+            context = self.for_model(name)[0].window_context
+            if context > self.max_len - 2:
+                raise ValueError(f"window_context ({context}) must be <= max_len - 2 ({self.max_len - 2})")
+        return self
+
+    def for_model(self, name: str) -> tuple[TrainConf, dict[str, Any]]:
+        """This model's training settings (shared values with its overrides) and its constructor options."""
+        given = self.model_settings[name].model_dump(exclude_none=True) if name in self.model_settings else {}
+        overrides = {k: v for k, v in given.items() if k in TRAINING_OVERRIDES}
+        options = {k: v for k, v in given.items() if k in MODEL_OPTIONS[name]}
+        merged = self.model_dump()
+        merged.update(overrides, model_settings={})
+        if merged["window_context"] is None:
+            merged["window_context"] = merged["max_len"] // 4
+        return TrainConf.model_construct(**merged), options
 
 
 class EvaluateConf(_Strict):
     ks: list[int] = Field(default_factory=lambda: [10, 20])
     exclude_seen: bool = True
-    popularity_half_life_days: float = Field(2.0, gt=0)
-    sar_half_life_days: float = Field(7.0, gt=0)
+    # The baselines' half-lives (decayed popularity, SAR affinity) are chosen from these on the validation split.
+    baseline_half_lives_days: list[float] = Field(default_factory=lambda: [0.5, 2.0, 7.0, 30.0, 180.0, 1000.0])
     output: str = "data/reports"
 
     @field_validator("ks")
@@ -193,16 +273,43 @@ class EvaluateConf(_Strict):
             raise ValueError("ks must be a non-empty list of positive cut-offs")
         return sorted(set(value))
 
+    @field_validator("baseline_half_lives_days")
+    @classmethod
+    def _positive_days(cls, value: list[float]) -> list[float]:
+        if not value or any(h <= 0 for h in value):
+            raise ValueError("baseline_half_lives_days must be a non-empty list of positive days")
+        return value
+
 
 class NightlyConf(_Strict):
-    model: Literal["decay_pool", "gru", "lstm", "decay_transformer", "long_short"] = "decay_pool"
-    model_version: str | None = None     # an artifact folder; default: the latest of `model`
+    model: ModelName = "decay_pool"
+    # An artifact folder or version name; default: the promoted version of `model` (`ebbtide promote`).
+    model_version: str | None = None
+    # promoted: follow the pointer `ebbtide promote` writes (production); latest: newest folder (the demo only).
+    follow: Literal["promoted", "latest"] = "promoted"
+    # Refuse a date whose sessionized data is missing or stale (no sessionize run for it, a gap the day before,
+    # or later dates loaded first); --allow-stale turns it off for one run.
+    require_fresh: bool = True
+    # Users with fewer events than this get the decayed-popularity fallback instead of the model's list.
+    min_events_for_model: int = Field(2, ge=1)
+    # The last slots of each model list go to the most popular items newer than the model (0 = none).
+    new_item_slots: int = Field(2, ge=0)
+    popularity_half_life_days: float = Field(2.0, gt=0)
+    # `ebbtide maintain` expires user_recommendations partitions and user_interest rows older than these.
+    recommendations_retention_days: int = Field(30, ge=1)
+    interest_retention_days: int = Field(180, ge=1)
     top_k: int = Field(20, ge=1)
     retention_days: int = Field(30, ge=1)   # users with an event in this horizon get an embedding
     batch_size: int = Field(1024, ge=1)
     item_block: int = Field(65_536, ge=1)   # items per block of the top-K matrix product
     exclude_consumed: bool = True
     incremental: bool = True
+
+    @model_validator(mode="after")
+    def _slots_fit(self) -> NightlyConf:
+        if self.new_item_slots >= self.top_k:
+            raise ValueError(f"nightly.new_item_slots ({self.new_item_slots}) must be < nightly.top_k ({self.top_k})")
+        return self
 
 
 class Config(_Strict):
@@ -252,26 +359,38 @@ def _format_errors(err: ValidationError) -> str:
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {key}: {msg} (got {item.get('input')!r})" if item["type"] != "extra_forbidden"
+        scalar = not isinstance(item.get("input"), (dict, list))
+        lines.append(f"  {key}: {msg} (got {item.get('input')!r})" if scalar and item["type"] != "extra_forbidden"
                      else f"  {key}: {msg}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 
 def load_config(env: str | Path = "local", overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load conf/<env>.yaml (or a YAML path), apply dotted overrides, validate."""
-    path = Path(env)
-    if not path.suffix:
-        path = CONF_DIR / f"{env}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
-        raise ConfigError(f"no configuration {str(env)!r}: expected {path} (known environments: {known})")
-    tree = yaml.safe_load(path.read_text()) or {}
+    """Load a packaged environment by name (or a YAML path), apply dotted overrides, validate."""
+    source, text = _read_environment(env)
+    tree = yaml.safe_load(text) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{source}: top level must be a mapping")
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
         _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{path.name}: {_format_errors(err)}") from None
+        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+
+
+def _read_environment(env: str | Path) -> tuple[str, str]:
+    """(name for messages, YAML text) of a packaged environment name or a file path."""
+    text_env = str(env)
+    looks_like_path = isinstance(env, Path) or text_env.endswith((".yaml", ".yml")) or "/" in text_env
+    if looks_like_path:
+        path = Path(env)
+        if not path.is_file():
+            raise ConfigError(f"no configuration file {path}")
+        return path.name, path.read_text()
+    known = packaged_environments()
+    if text_env not in known:
+        raise ConfigError(f"no configuration {text_env!r} (known environments: {', '.join(sorted(known))}; "
+                          "or give a YAML file path)")
+    return f"{text_env}.yaml", known[text_env].read_text()

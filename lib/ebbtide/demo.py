@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.conf, [f"generate.out={out / 'raw'}", f"sessionize.input={out / 'raw'}",
                                   f"sessionize.format={'json'}", f"storage.root={out / 'tables'}",
                                   f"train.output={out / 'models'}", f"evaluate.output={out / 'report'}",
+                                  # the demo serves its newest model and scores idle nights after the last day
+                                  # on purpose; production follows `ebbtide promote` and refuses missing data
+                                  "nightly.follow=latest", "nightly.require_fresh=false",
                                   *args.overrides])
     shutil.rmtree(out, ignore_errors=True)
 

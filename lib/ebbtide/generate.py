@@ -1,9 +1,8 @@
 """Synthetic raw event logs with a planted ground truth (demo, tests and benchmarks).
 
-Each user has long-term category tastes (Dirichlet) plus short-lived interests: a category that appears at a
-random moment and then fades with a planted half-life, strength(t) = A * 2^(-(t - t0) / half_life). An event's
-category comes from the short-term interests with probability S / (1 + S) (S = their summed strength), else from
-the long-term taste; the item is drawn from the category by Zipf popularity. Sessions are bursts of events
+Each user has a long-term category taste (Dirichlet) and short-term interest that every event excites in its
+category and that fades with a planted half-life (see _interest_categories: a self-exciting process whose kernel
+is exactly the decay the models assume); the item is drawn from the category by Zipf popularity. Sessions are bursts of events
 separated by long gaps; a session can cross midnight. Users are simulated in chunks across all days, so memory
 is bounded by a chunk, and every chunk has its own seed: the output depends only on the configuration.
 
@@ -75,38 +74,23 @@ def _simulate_chunk(conf: GenerateConf, chunk: int, first_user: int, n_users: in
     rng = np.random.default_rng([conf.seed, chunk])
     start = dt.datetime.combine(conf.start_date, dt.time(), tzinfo=dt.timezone.utc).timestamp()
     horizon = conf.days * DAY
-    hl = conf.interest_half_life_days * DAY
-
-    taste_cdf = np.cumsum(rng.dirichlet(np.full(conf.categories, conf.long_term_concentration), n_users), axis=1)
     rate = conf.sessions_per_user_day * rng.lognormal(0.0, 0.6, n_users)
-    k = conf.short_interests_per_user
-    interest_t0 = rng.uniform(-2 * hl, horizon, (n_users, k))
-    interest_cat = rng.integers(0, conf.categories, (n_users, k))
-    interest_amp = conf.short_interest_strength * rng.uniform(0.5, 1.5, (n_users, k))
-
     n_sessions = rng.poisson(rate * conf.days)
     s_user = np.repeat(np.arange(n_users), n_sessions)
     s_start = rng.uniform(0, horizon, len(s_user))
     s_len = rng.geometric(1.0 / conf.events_per_session, len(s_user))
     e_session = np.repeat(np.arange(len(s_user)), s_len)
-    e_user = s_user[e_session]
     gaps = rng.exponential(conf.seconds_between_events, len(e_session))
     first_of_session = np.r_[0, np.cumsum(s_len)[:-1]]
     gaps[first_of_session] = 0.0
     csum = np.cumsum(gaps)
     e_t = s_start[e_session] + csum - csum[first_of_session][e_session]
+    e_user = s_user[e_session]
     inside = e_t < horizon
-    e_user, e_t = e_user[inside], e_t[inside]
+    order = np.lexsort((e_t[inside], e_user[inside]))
+    e_user, e_t = e_user[inside][order], e_t[inside][order]
     n = len(e_t)
-
-    age = e_t[:, None] - interest_t0[e_user]
-    strength = np.where(age >= 0, interest_amp[e_user] * np.exp2(-np.maximum(age, 0) / hl), 0.0)
-    total = strength.sum(axis=1)
-    use_short = rng.random(n) < total / (1.0 + total)
-    short_pick = (np.cumsum(strength, axis=1) < (rng.random(n) * total)[:, None]).sum(axis=1)
-    short_cat = interest_cat[e_user, np.minimum(short_pick, max(k - 1, 0))] if k else np.zeros(n, int)
-    long_cat = (taste_cdf[e_user] < rng.random(n)[:, None]).sum(axis=1)
-    category = np.where(use_short, short_cat, np.minimum(long_cat, conf.categories - 1))
+    category = _interest_categories(conf, rng, n_users, e_user, e_t)
     items = sample_items(rng, category)
 
     ts_us = ((start + e_t) * 1e6).astype(np.int64)
@@ -124,6 +108,39 @@ def _simulate_chunk(conf: GenerateConf, chunk: int, first_user: int, n_users: in
         "arrival_day": day + late,
         "late": late,
     })
+
+
+def _interest_categories(conf: GenerateConf, rng: np.random.Generator, n_users: int, e_user: np.ndarray,
+                         e_t: np.ndarray) -> np.ndarray:
+    """The planted interest process: the category of a user's next event is drawn with probability
+
+        p(c) ∝ taste_c + excitation * sum over the user's earlier events j in c of 2^(-(t - t_j) / half_life)
+                 + novelty / C
+
+    a long-term taste (Dirichlet), plus interest excited by every event and decaying with the planted half-life
+    (a self-exciting, Hawkes-type process), plus a small chance of a new interest. The weight an earlier event
+    carries for the next one is exactly `floor + 2^(-age / half_life)`: the decay the models assume and should
+    recover. Events must come sorted by (user, time); users are simulated side by side, one event at a time."""
+    hl = conf.interest_half_life_days * DAY
+    n_cat = conf.categories
+    taste = rng.dirichlet(np.full(n_cat, conf.long_term_concentration), n_users)
+    counts = np.bincount(e_user, minlength=n_users)
+    position = np.arange(len(e_user)) - np.r_[0, np.cumsum(counts)[:-1]][e_user]
+    excited = np.zeros((n_users, n_cat))
+    last_t = np.zeros(n_users)
+    category = np.zeros(len(e_user), np.int64)
+    by_position = np.argsort(position, kind="stable")
+    bounds = np.searchsorted(position[by_position], np.arange(int(counts.max(initial=0)) + 1))
+    for k in range(len(bounds) - 1):
+        rows = by_position[bounds[k]:bounds[k + 1]]   # every user's k-th event
+        users, t = e_user[rows], e_t[rows]
+        excited[users] *= np.exp2(-(t - last_t[users]) / hl)[:, None]
+        p = taste[users] + conf.interest_excitation * excited[users] + conf.novelty / n_cat
+        c = np.minimum((np.cumsum(p, axis=1) < (rng.random(len(users)) * p.sum(1))[:, None]).sum(1), n_cat - 1)
+        category[rows] = c
+        excited[users, c] += 1.0
+        last_t[users] = t
+    return category
 
 
 def _ts_json_values(ts_us: np.ndarray, style: np.ndarray) -> np.ndarray:

@@ -36,7 +36,8 @@ from ebbtide.rawlogs import (  # noqa: F401  (re-exported: the job's public name
     read_raw,
     typed_events,
 )
-from ebbtide.storage import DeltaStorage
+from ebbtide.runs import sessionize_app_id
+from ebbtide.storage import AppTxn, DeltaStorage
 from ebbtide.tables import EVENTS_SCHEMA, TableSpec, table_specs
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,12 @@ def user_bucket(n_buckets: int) -> Column:
 
 
 def update_item_counts(storage: DeltaStorage, specs: dict[str, TableSpec], events: DataFrame,
-                       dates: list[dt.date], touched: DataFrame) -> None:
+                       dates: list[dt.date], touched: DataFrame, txn: AppTxn | None = None) -> None:
     """Replace item_daily_counts of `dates` with counts of `events` (those partitions as they are now), and bring
     the vocabulary's totals of the `touched` items up to date; new items get the next indices."""
     daily = events.groupBy("item_id", "event_date").agg(F.count("*").alias("n_events"),
                                                         F.sum("weight").alias("weight_sum"))
-    storage.replace_where(specs["item_daily_counts"], daily, {"event_date": dates})
+    storage.replace_where(specs["item_daily_counts"], daily, {"event_date": dates}, txn=txn)
     totals = (storage.read(specs["item_daily_counts"]).join(touched, "item_id", "left_semi")
               .groupBy("item_id").agg(F.min("event_date").alias("_first"), F.sum("n_events").alias("_n")))
     vocab = storage.read(specs["item_vocab"])
@@ -177,7 +178,7 @@ def update_item_counts(storage: DeltaStorage, specs: dict[str, TableSpec], event
         "item_id", F.col("_first").alias("first_seen_date"), F.col("_n").alias("n_events")),
         ["first_seen_date", "item_id"], "item_idx", start=next_idx + 1)
     try:
-        storage.merge(specs["item_vocab"], known.unionByName(fresh))
+        storage.merge(specs["item_vocab"], known.unionByName(fresh), txn=txn)
     finally:
         staged.unpersist()
 
@@ -206,7 +207,7 @@ class Sessionizer:
         started = time.time()
         report = RunReport(run_date)
         with self.storage.job("sessionize", run_date.isoformat(), [self.specs[n] for n in WRITES]):
-            self._process(run_date, report)
+            self._process(run_date, report, AppTxn(sessionize_app_id(run_date), int(started)))
         with _phase("verify", run_date):   # bookkeeping, from the tables as committed
             self._count_written(run_date, report)
         report.seconds = time.time() - started
@@ -214,7 +215,7 @@ class Sessionizer:
         log.info("sessionize %s", report.line())
         return report
 
-    def _process(self, run_date: dt.date, report: RunReport) -> None:
+    def _process(self, run_date: dt.date, report: RunReport, txn: AppTxn) -> None:
         typed = typed_events(read_raw(self.spark, self.conf, run_date), self.conf, run_date)
         try:
             with _phase("read and validate", run_date):
@@ -229,28 +230,28 @@ class Sessionizer:
                                  f"data of {run_date} with nothing (set sessionize.allow_empty_input=true if the "
                                  "day really is empty); nothing was written")
             with _phase("quarantine", run_date):
-                self._write_quarantine(typed, run_date, report)
+                self._write_quarantine(typed, run_date, txn)
             with _phase("plan", run_date):
                 plan = self._plan(typed, run_date, report)
             try:
                 if plan.dates:
                     with _phase("item counts and vocab", run_date):
-                        self._update_item_counts(plan)
+                        self._update_item_counts(plan, txn)
                     with _phase("sessions and sequences", run_date):
-                        self._update_users(plan, run_date, report)
+                        self._update_users(plan, run_date, report, txn)
                 with _phase("events", run_date):
-                    self._write_events(plan)
+                    self._write_events(plan, txn)
             finally:
                 plan.release()
         finally:
             typed.unpersist()
 
     # -- quarantine ---------------------------------------------------------------------------------------
-    def _write_quarantine(self, typed: DataFrame, run_date: dt.date, report: RunReport) -> None:
+    def _write_quarantine(self, typed: DataFrame, run_date: dt.date, txn: AppTxn) -> None:
         bad = typed.where(F.col("reason").isNotNull()).select(
             "raw", "reason", "message", "source_file", F.lit(run_date).alias("run_date"), "raw_chars", "raw_sha256",
             F.col("quarantine_user_id").alias("user_id"))
-        self.storage.replace_where(self.specs["quarantine"], bad, {"run_date": [run_date]})
+        self.storage.replace_where(self.specs["quarantine"], bad, {"run_date": [run_date]}, txn=txn)
 
     # -- the plan: which copy of each event id is kept -----------------------------------------------------
     def _plan(self, typed: DataFrame, run_date: dt.date, report: RunReport) -> _Plan:
@@ -301,13 +302,22 @@ class Sessionizer:
         return (current.join(plan.affected_ids, "event_id", "left_anti")
                 .unionByName(plan.winners.where(F.col("event_date").isin(dates))))
 
-    def _write_events(self, plan: _Plan) -> None:
-        """The commit point of a run: parked copies first, then the kept ones."""
-        if not plan.redelivery_changes.isEmpty():
-            self.storage.merge(self.specs["event_redeliveries"], plan.redelivery_changes, delete_flag="_delete")
-        if not plan.events_changes.isEmpty():
-            self.storage.merge(self.specs["events"], plan.events_changes, delete_flag="_delete",
-                               search={"event_date": plan.old_dates} if plan.old_dates else None)
+    def _write_events(self, plan: _Plan, txn: AppTxn) -> None:
+        """The commit point of a run: parked copies first, then the kept ones. A table the run did not change gets
+        the run's marker instead, in commit order (WRITES): the marker in `events` means the whole run landed."""
+        old_dates = {"event_date": plan.old_dates} if plan.old_dates else None
+        for name, changes, search in (("event_redeliveries", plan.redelivery_changes, None),
+                                      ("events", plan.events_changes, old_dates)):
+            self._mark_unchanged(WRITES[:WRITES.index(name)], txn)
+            if changes.isEmpty():
+                self.storage.mark(self.specs[name], txn)
+            else:
+                self.storage.merge(self.specs[name], changes, delete_flag="_delete", txn=txn, search=search)
+
+    def _mark_unchanged(self, names: tuple[str, ...], txn: AppTxn) -> None:
+        for name in names:
+            if not self.storage.committed_in_job(self.specs[name]):
+                self.storage.mark(self.specs[name], txn)
 
     def _count_written(self, run_date: dt.date, report: RunReport) -> None:
         """Reconciliation counts, from the tables just written."""
@@ -319,12 +329,12 @@ class Sessionizer:
                                                          where={"ingest_date": [run_date]}).count()
 
     # -- items ------------------------------------------------------------------------------------------
-    def _update_item_counts(self, plan: _Plan) -> None:
+    def _update_item_counts(self, plan: _Plan, txn: AppTxn) -> None:
         update_item_counts(self.storage, self.specs, self._events_after(plan, plan.dates), plan.dates,
-                           plan.touched.select("item_id").distinct())
+                           plan.touched.select("item_id").distinct(), txn)
 
     # -- sessions and sequences ---------------------------------------------------------------------------
-    def _update_users(self, plan: _Plan, run_date: dt.date, report: RunReport) -> None:
+    def _update_users(self, plan: _Plan, run_date: dt.date, report: RunReport, txn: AppTxn) -> None:
         conf, specs = self.conf, self.specs
         gap_us = int(conf.session_gap_minutes * 60e6)
         max_us = int(conf.max_session_minutes * 60e6)
@@ -362,11 +372,11 @@ class Sessionizer:
                          .select(*specs["sessions"].columns, F.lit(True).alias("_delete")))
                 upserts = new_sessions.withColumn("_delete", F.lit(False)).unionByName(stale)
                 with _phase("  sessions merge", run_date):
-                    self.storage.merge(specs["sessions"], upserts, delete_flag="_delete")
+                    self.storage.merge(specs["sessions"], upserts, delete_flag="_delete", txn=txn)
                 with _phase("  sessions count", run_date):
                     report.sessions_written = new_sessions.count()
                 with _phase("  sequences", run_date):
-                    self._update_sequences(plan, cut, starts, sessions, buckets, existing)
+                    self._update_sequences(plan, cut, starts, sessions, buckets, existing, txn)
             finally:
                 cut.unpersist()
                 starts.unpersist()
@@ -374,7 +384,7 @@ class Sessionizer:
             affected.unpersist()
 
     def _update_sequences(self, plan: _Plan, cut: DataFrame, starts: DataFrame, sessions: DataFrame,
-                          buckets: list[int], existing: list[dt.date]) -> None:
+                          buckets: list[int], existing: list[dt.date], txn: AppTxn) -> None:
         """Sequences of the recomputed users: their stored entries before the recompute point, then the fresh
         ones. Counters come from the sessions before that point plus the fresh events: n_events is the number of
         the user's events in `events`, whatever happened to earlier runs."""
@@ -405,7 +415,7 @@ class Sessionizer:
                     sessionize_events(history, gap_us, max_us), allowMissingColumns=True)
                 kept_old = kept_old.join(short, "user_id", "left_anti")
             rows = self._sequence_rows(kept_old, fresh_cut, stats)
-            self.storage.merge(spec, rows, delete_flag="_delete")
+            self.storage.merge(spec, rows, delete_flag="_delete", txn=txn)
         finally:
             stats.unpersist()
 

@@ -1,9 +1,21 @@
-"""Spark session factory: reuse the cluster's session, or build a tuned local one."""
+"""Spark session factory: reuse the platform's session, honour spark-submit, or build a tuned local one.
+
+Three situations, one rule each:
+* a session is already active (Databricks, a notebook, Spark Connect): reuse it untouched except for the SQL
+  settings ebbtide depends on (UTC session time zone); never reach for ``spark.sparkContext``, which Spark
+  Connect (Databricks standard/serverless access mode) rejects;
+* under spark-submit (the JVM is already up): spark-submit's ``--master`` and ``--driver-memory`` stand; the
+  config's ``spark.master`` may only be empty or agree (a disagreement is logged, spark-submit wins) and
+  ``spark.driver_memory`` does not apply (the driver JVM already has its heap);
+* a plain ``python``/``ebbtide`` process: ebbtide starts the JVM with the config's master (empty means
+  ``$SPARK_MASTER`` or ``local[*]``), driver memory and local tuning.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from pyspark.sql import SparkSession
@@ -13,32 +25,43 @@ from ebbtide.config import SparkConf
 log = logging.getLogger(__name__)
 
 
+def under_spark_submit() -> bool:
+    """True inside a driver launched by spark-submit: PySpark then connects to the JVM it already started."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """A Spark Connect session (Databricks standard/serverless access mode, `spark.remote`)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
 def get_spark(conf: SparkConf) -> SparkSession:
-    """The active session on a cluster or Databricks (never reconfigured); locally a new tuned one."""
+    """The active session (never reconfigured), else a new one: spark-submit's settings, or a tuned local one."""
     active = SparkSession.getActiveSession()
     if active is not None:
-        _apply_sql_confs(active, conf, local=active.sparkContext.master.startswith("local"))
+        _apply_sql_confs(active, conf, local_cores=None)
         return active
 
-    master = conf.master or os.environ.get("SPARK_MASTER", "")
-    local = not master or master.startswith("local")
     builder = SparkSession.builder.appName(conf.app_name)
-    if master:
-        builder = builder.master(master)
-    elif local:
-        builder = builder.master("local[*]")
+    if under_spark_submit():
+        # spark-submit always sets spark.master (its --master, or its own default): never override it.
+        master = _submitted_master(conf)
+    else:
+        master = conf.master or os.environ.get("SPARK_MASTER", "") or "local[*]"
+        builder = builder.master(master).config("spark.driver.memory", conf.driver_memory)
+        if master.startswith("local"):
+            # Python workers must run this interpreter (the virtualenv with ebbtide), not whatever python3 is on
+            # PATH. Under spark-submit that choice is the user's (PYSPARK_PYTHON, spark.pyspark.python).
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+            builder = (builder.config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+                       .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
+                       .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC"))
+    local = master.startswith("local")
     if local:
         under_test = "PYTEST_CURRENT_TEST" in os.environ or os.environ.get("CI") == "true"
-        # Python workers must run this interpreter (the virtualenv with ebbtide), not whatever python3 is on PATH.
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         builder = (
-            builder.config("spark.driver.memory", conf.driver_memory)
-            .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
-            .config("spark.ui.enabled", str(conf.ui_enabled and not under_test).lower())
+            builder.config("spark.ui.enabled", str(conf.ui_enabled and not under_test).lower())
             .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.sql.session.timeZone", "UTC")
-            .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
-            .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
             # Spark's parquet writer must not drop _SUCCESS files into Delta table folders.
             .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
             .config("spark.hadoop.parquet.summary.metadata.level", "NONE")
@@ -46,24 +69,63 @@ def get_spark(conf: SparkConf) -> SparkSession:
     for key, value in conf.extra.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(conf.log_level)
-    _apply_sql_confs(spark, conf, local=local)
+    spark.sparkContext.setLogLevel(conf.log_level)   # a session we created: classic, never Connect
+    log.info("spark master %s %s (driver memory %s)", spark.conf.get("spark.master"),
+             "from spark-submit" if under_spark_submit() else "from the config",
+             spark.conf.get("spark.driver.memory", "default"))
+    _apply_sql_confs(spark, conf, local_cores=_local_cores(master) if local else None)
     return spark
 
 
-def _apply_sql_confs(spark: SparkSession, conf: SparkConf, local: bool) -> None:
+def _submitted_master(conf: SparkConf) -> str:
+    """spark-submit's master, read from the JVM it started (system properties become the SparkConf)."""
+    from pyspark import SparkConf as JvmConf
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()   # connect to spark-submit's gateway so SparkConf loads its settings
+    submitted = JvmConf().get("spark.master", "local[*]")
+    if conf.master and conf.master != submitted:
+        log.warning("spark.master %r from the config ignored: spark-submit set --master %s", conf.master, submitted)
+    return submitted
+
+
+def master_of(spark: SparkSession) -> str:
+    """The session's master URL, without touching sparkContext (empty where Spark Connect hides it)."""
+    try:
+        return spark.conf.get("spark.master", "") or ""
+    except Exception:  # Spark Connect may refuse to expose cluster-level settings
+        return ""
+
+
+def _local_cores(master: str) -> int:
+    found = re.match(r"local\[(\d+)", master)
+    return int(found.group(1)) if found else (os.cpu_count() or 1)
+
+
+def _apply_sql_confs(spark: SparkSession, conf: SparkConf, local_cores: int | None) -> None:
     # Event time is UTC everywhere: dates, partition values and epoch conversions depend on it.
     spark.conf.set("spark.sql.session.timeZone", "UTC")
-    # INT96 (Spark's default) carries no Parquet statistics and is legacy; Delta writers use micros.
-    spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     if conf.shuffle_partitions:
         spark.conf.set("spark.sql.shuffle.partitions", str(conf.shuffle_partitions))
-    elif local:
-        spark.conf.set("spark.sql.shuffle.partitions", str(2 * spark.sparkContext.defaultParallelism))
+    elif local_cores:
+        spark.conf.set("spark.sql.shuffle.partitions", str(2 * local_cores))
+    try:
+        # INT96 (Spark's default) carries no Parquet statistics and is legacy; Delta writers use micros. Only the
+        # rs engine writes Parquet through Spark; serverless compute refuses most settings, so this one may fail.
+        spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+    except Exception as err:  # noqa: BLE001 - Spark Connect raises its own error types for refused settings
+        log.warning("could not set spark.sql.parquet.outputTimestampType: %s", str(err).splitlines()[0])
 
 
 def delta_spark_available(spark: SparkSession) -> bool:
-    """True when delta-spark's JVM classes are on the classpath (a cluster started with the Delta package)."""
+    """True when delta-spark can run: its JVM classes are on the classpath of a classic session, or (Spark
+    Connect, where the JVM is out of reach) the server is Databricks or delta-spark's Python API is present."""
+    if is_connect(spark):
+        try:
+            import delta.tables  # noqa: F401
+        except ImportError:
+            return bool(os.environ.get("DATABRICKS_RUNTIME_VERSION"))
+        return True
     from py4j.java_gateway import JavaClass
 
     jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]

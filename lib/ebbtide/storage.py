@@ -179,7 +179,8 @@ class DeltaStorage(ABC):
         self._job = _Job(kind, label)
         try:
             for spec in writes:
-                version = self.version(spec)
+                # a table the job (or a concurrent one) creates is pinned before its creation, version -1
+                version = self.version(spec) if self.exists(spec) else -1
                 self._pin(spec, version).note(None, version)
             yield
             faults.point(f"end:{kind}")
@@ -190,6 +191,16 @@ class DeltaStorage(ABC):
         if self._job is None:
             return _Pin(version)
         return self._job.pins.setdefault(self.location(spec), _Pin(version))
+
+    def committed_in_job(self, spec: TableSpec) -> bool:
+        """Whether the running job has committed to `spec` (data or marker)."""
+        pin = self._job.pins.get(self.location(spec)) if self._job else None
+        return bool(pin and pin.own)
+
+    def _own(self, spec: TableSpec, version: int) -> None:
+        """Record a commit the running job made outside the write path (ensure's schema change)."""
+        if self._job is not None and self.location(spec) in self._job.pins:
+            self._job.pins[self.location(spec)].own.add(version)
 
     def _unit(self) -> str:
         return f"{self._job.kind} {self._job.label}".strip() if self._job else "this operation"
@@ -254,6 +265,11 @@ class DeltaStorage(ABC):
         """
 
     @abstractmethod
+    def mark(self, spec: TableSpec, txn: AppTxn) -> CommitResult:
+        """Commit only an application-transaction marker: a run that changed no row of the table records that it
+        ran (runs.py reads the markers)."""
+
+    @abstractmethod
     def delete_rows(self, spec: TableSpec, column: str, values: list[Any]) -> int:
         """Delete every row whose `column` is one of `values`, in every partition; returns the rows deleted."""
 
@@ -264,11 +280,19 @@ class DeltaStorage(ABC):
     def optimize(self, spec: TableSpec) -> dict[str, Any]: ...
 
     @abstractmethod
-    def vacuum(self, spec: TableSpec, retention_hours: int | None = None) -> list[str]:
-        """Delete files no version within the retention needs, and files of writes that were never committed."""
+    def vacuum(self, spec: TableSpec, retention_hours: int | None = None, enforce_retention: bool = True) -> list[str]:
+        """Delete files removed from the table more than retention_hours ago, and files of writes that were never
+        committed (killed jobs); returns the deleted paths.
+
+        With enforce_retention, a retention below the table's delta.deletedFileRetentionDuration is refused
+        (readers of older versions, and concurrent writers, still need those files)."""
 
     @abstractmethod
     def txn_version(self, spec: TableSpec, app_id: str) -> int | None: ...
+
+    @abstractmethod
+    def txn_versions(self, spec: TableSpec, app_ids: list[str], version: int | None = None) -> dict[str, int | None]:
+        """The application-transaction version of each app id in the snapshot at `version` (latest by default)."""
 
     @abstractmethod
     def protocol(self, spec: TableSpec) -> tuple[int, int]: ...
@@ -348,6 +372,7 @@ class RsStorage(DeltaStorage):
             raise StorageError(f"table {spec.name} lacks required columns {[f.name for f in missing]}; "
                                "it was created by an incompatible version")
         table.alter.add_columns([Field.from_json(f.json()) for f in missing])
+        self._own(spec, table.version())
         log.info("table %s: added columns %s", spec.name, [f.name for f in missing])
 
     def version(self, spec: TableSpec) -> int:
@@ -552,6 +577,8 @@ class RsStorage(DeltaStorage):
             if version in pin.own:
                 continue
             changed, what = self._changes(spec, version)
+            if version == 0 and changed == set():   # the empty creation of a table the unit found missing
+                continue
             hits = [(p, at) for p, at in pin.reads.items()
                     if at < version and (changed is None or p is None or p in changed)]
             if hits:
@@ -565,7 +592,9 @@ class RsStorage(DeltaStorage):
 
         uri = _rs_uri(self.location(spec))
         try:
-            before, after = DeltaTable(uri, version=version - 1), DeltaTable(uri, version=version)
+            # version 0 creates the table, possibly while a job that found none was running (pinned at -1)
+            before = DeltaTable(uri, version=version - 1) if version > 0 else None
+            after = DeltaTable(uri, version=version)
         except Exception as err:  # log entries cleaned up: cannot prove there is no conflict
             return None, f"unreadable: {err}"
         commit = (after.history(1) or [{}])[0]
@@ -575,9 +604,9 @@ class RsStorage(DeltaStorage):
             m, p = t.metadata(), t.protocol()
             return (t.schema().to_json(), tuple(m.partition_columns), sorted(m.configuration.items()),
                     p.min_reader_version, p.min_writer_version)
-        if shape(before) != shape(after):
+        if before is not None and shape(before) != shape(after):
             return None, what
-        old = {f.rel_path: f for f in self._files_of(spec, before)}
+        old = {f.rel_path: f for f in self._files_of(spec, before)} if before is not None else {}
         new = {f.rel_path: f for f in self._files_of(spec, after)}
         changed = [old[p] for p in old.keys() - new.keys()] + [new[p] for p in new.keys() - old.keys()]
         if not spec.partition_by:
@@ -675,20 +704,36 @@ class RsStorage(DeltaStorage):
         pin.own.add(table.version())
         return CommitResult(table.version(), metrics.get("num_added_files", 0), metrics.get("num_removed_files", 0))
 
+    def mark(self, spec: TableSpec, txn: AppTxn) -> CommitResult:
+        table, pin = self._begin(spec, set())
+        result = self._commit(spec, table, pin, [], txn=txn)
+        faults.point(f"commit:{spec.name}")
+        return result
+
     def optimize(self, spec: TableSpec) -> dict[str, Any]:
         return self._table(spec).optimize.compact()
 
-    def vacuum(self, spec: TableSpec, retention_hours: int | None = None) -> list[str]:
+    def vacuum(self, spec: TableSpec, retention_hours: int | None = None, enforce_retention: bool = True) -> list[str]:
         """Removed files older than the retention (lite vacuum), then files no commit ever referenced -- writes
         of killed jobs -- once older than max(retention, ORPHAN_MIN_AGE_HOURS), so that a concurrent writer's
         files, written but not yet committed, are never deleted (full vacuum); then empty write folders."""
         hours = self.conf.vacuum_retention_hours if retention_hours is None else retention_hours
         table = self._table(spec)
-        removed = table.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False)
+        try:
+            removed = table.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=enforce_retention)
+        except Exception as err:  # delta-rs raises a generic DeltaError for the retention check
+            if "retention" in str(err).lower():
+                raise StorageError(f"vacuum {spec.name}: {err}") from None
+            raise
+        # the retention check passed above (or is off), and the orphans' age is at least that retention
         removed += table.vacuum(retention_hours=max(hours, ORPHAN_MIN_AGE_HOURS), dry_run=False,
                                 enforce_retention_duration=False, full=True)
         _remove_empty_write_folders(self.location(spec))
         return removed
+
+    def txn_versions(self, spec: TableSpec, app_ids: list[str], version: int | None = None) -> dict[str, int | None]:
+        table = self._table(spec, version)   # one snapshot load; the lookups are in memory
+        return {app_id: table.transaction_version(app_id) for app_id in app_ids}
 
 
 def _removes(spec: TableSpec, files: list[ActiveFile]) -> list:
@@ -744,6 +789,7 @@ class SparkDeltaStorage(DeltaStorage):
             if missing:
                 cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
                 self.spark.sql(f"ALTER TABLE {self._sql_name(spec)} ADD COLUMNS ({cols})")
+                self._own(spec, self.version(spec))
             return
         builder = DeltaTable.createIfNotExists(self.spark)
         name = self._name(spec)
@@ -796,7 +842,8 @@ class SparkDeltaStorage(DeltaStorage):
     def _write(self, spec: TableSpec, action) -> CommitResult:
         latest = self.version(spec)
         pin = self._pin(spec, latest)
-        foreign = [v for v in range(max(pin.version, pin.checked) + 1, latest + 1) if v not in pin.own]
+        # version 0 is ensure's creation of the empty table (a job that found no table pinned it at -1)
+        foreign = [v for v in range(max(pin.version, pin.checked, 0) + 1, latest + 1) if v not in pin.own]
         if foreign and pin.reads:
             raise self._conflict(spec, foreign[0], [None], min(pin.reads.values()), "see DESCRIBE HISTORY")
         faults.point(f"write:{spec.name}")
@@ -830,6 +877,9 @@ class SparkDeltaStorage(DeltaStorage):
 
     def append(self, spec: TableSpec, df: DataFrame, txn: AppTxn | None = None) -> CommitResult:
         return self._write(spec, lambda: self._save(spec, self._writer(spec, df, txn).mode("append")))
+
+    def mark(self, spec: TableSpec, txn: AppTxn) -> CommitResult:
+        return self.append(spec, self.spark.createDataFrame([], spec.schema), txn)   # commits the txn action only
 
     def replace_where(self, spec: TableSpec, df: DataFrame, where: WhereValues,
                       txn: AppTxn | None = None) -> CommitResult:
@@ -885,12 +935,44 @@ class SparkDeltaStorage(DeltaStorage):
         rows = self._delta_table(spec).optimize().executeCompaction().collect()
         return rows[0].asDict(recursive=True) if rows else {}
 
-    def vacuum(self, spec: TableSpec, retention_hours: int | None = None) -> list[str]:
-        # delta-spark's VACUUM deletes files that no retained version references, written-but-never-committed
-        # files of killed writers included, once older than the retention.
-        hours = self.conf.vacuum_retention_hours if retention_hours is None else retention_hours
-        self._delta_table(spec).vacuum(float(max(hours, ORPHAN_MIN_AGE_HOURS)))
-        return []
+    def vacuum(self, spec: TableSpec, retention_hours: int | None = None, enforce_retention: bool = True) -> list[str]:
+        """DeltaTable.vacuum() returns nothing, so the files are listed first with VACUUM ... DRY RUN (the same
+        retention rule), then deleted; delta-spark's retentionDurationCheck stays on unless told otherwise.
+        delta-spark's VACUUM also deletes written-but-never-committed files of killed writers, under the same
+        retention, so it never goes below ORPHAN_MIN_AGE_HOURS (a concurrent writer's files are not yet committed)."""
+        asked = self.conf.vacuum_retention_hours if retention_hours is None else retention_hours
+        hours = max(asked, ORPHAN_MIN_AGE_HOURS)
+        target = f"{self._name(spec)}" if self._name(spec) else f"delta.`{self.location(spec)}`"
+        check = "spark.databricks.delta.retentionDurationCheck.enabled"
+        if not enforce_retention:
+            self.spark.conf.set(check, "false")
+        try:
+            listed = [r[0] for r in self.spark.sql(f"VACUUM {target} RETAIN {float(hours)} HOURS DRY RUN").collect()]
+            self._delta_table(spec).vacuum(float(hours))
+        finally:
+            if not enforce_retention:
+                self.spark.conf.unset(check)
+        return listed
+
+    def txn_versions(self, spec: TableSpec, app_ids: list[str], version: int | None = None) -> dict[str, int | None]:
+        # Like txn_version, from the log read as data; commits and checkpoints after `version` are left out.
+        log_dir = f"{self._detail(spec)['location'].rstrip('/')}/_delta_log"
+        found: dict[str, int | None] = dict.fromkeys(app_ids)
+        file_version = F.regexp_extract(F.col("_metadata.file_path"), r"(\d{20})\.[a-z.0-9]*(json|parquet)$", 1)
+        for fmt, pattern in (("json", "*.json"), ("parquet", "*.checkpoint*.parquet")):
+            try:
+                df = self.spark.read.format(fmt).load(f"{log_dir}/{pattern}")
+            except Exception:  # no checkpoint yet
+                continue
+            if "txn" not in df.columns:
+                continue
+            if version is not None:
+                df = df.where(file_version.cast("long") <= version)
+            rows = (df.where(F.col("txn.appId").isin(app_ids)).groupBy("txn.appId")
+                    .agg(F.max("txn.version").alias("v")).collect())
+            for app_id, v in rows:
+                found[app_id] = v if found[app_id] is None else max(found[app_id], v)
+        return found
 
     def txn_version(self, spec: TableSpec, app_id: str) -> int | None:
         # delta-spark has no public reader for SetTransaction actions; they live in the log (JSON commits

@@ -131,7 +131,8 @@ USER_RECOMMENDATIONS_SCHEMA = T.StructType([
     _s("user_id", T.StringType(), False),
     _s("rank", T.IntegerType(), False),
     _s("item_id", T.StringType(), False),
-    _s("score", T.FloatType(), False),
+    _s("score", T.FloatType(), False),              # model: dot product; popular/new_item: decayed popularity
+    _s("source", T.StringType(), False),            # model | popular (cold-start user) | new_item (newer than model)
     _s("model_version", T.StringType(), False),
     _s("as_of", T.DateType(), False),
 ])

@@ -12,6 +12,9 @@ MODELS = ("decay_pool", "gru", "lstm", "decay_transformer", "long_short")
 
 
 def build_model(name: str, n_items: int, n_types: int, dim: int, max_len: int, **options) -> InterestModel:
+    """options: the model's constructor options (config.MODEL_OPTIONS lists them; train.model_settings sets them)."""
+    if "half_lives_days" in options:
+        options["half_lives_days"] = tuple(options["half_lives_days"])
     if name == "decay_pool":
         return DecayPool(n_items, dim, n_types, **options)
     if name in ("gru", "lstm"):

@@ -4,6 +4,11 @@ A batch is a padded history: item indices (0 = padding, so vocabulary index i is
 seconds, event types, session indices and lengths. Each model maps (history, query time) -> a user embedding;
 items share one embedding table and score = dot product. The query time matters: the same history yields a
 different embedding a week later, because interest decays while the user is idle.
+
+What a model implements: ``encode_positions`` (the user embedding after every prefix of the history, each queried
+at its own time; training uses it for next-item prediction at every position). Decay models also implement
+``decay_kernel`` (the weight they give a past event as a function of its age), from which the reported half-life
+is derived in one place (``kernel_half_life``).
 """
 
 from __future__ import annotations
@@ -25,14 +30,25 @@ class Batch:
     types: torch.Tensor       # (B, L) long event type code
     sessions: torch.Tensor    # (B, L) long session index (0 = oldest in window)
     lengths: torch.Tensor     # (B,) long
+    # (B,) long: positions before this one are context only (training windows overlap; see feed.py). Targets
+    # are the events at positions >= max(1, first_target).
+    first_target: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in
-                       (self.items, self.ts, self.types, self.sessions, self.lengths)))
+        tensors = (self.items, self.ts, self.types, self.sessions, self.lengths, self.first_target)
+        return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in tensors))
 
     @property
     def mask(self) -> torch.Tensor:
         return self.items > 0
+
+    def target_mask(self) -> torch.Tensor:
+        """(B, L-1) True where position i+1 is a target predicted from positions 0..i."""
+        valid = self.items[:, 1:] > 0
+        if self.first_target is None:
+            return valid
+        positions = torch.arange(1, self.items.shape[1], device=self.items.device)
+        return valid & (positions.unsqueeze(0) >= self.first_target.unsqueeze(1))
 
     @staticmethod
     def from_histories(histories, max_len: int) -> Batch:
@@ -61,7 +77,7 @@ def pad_arrays(histories, max_len: int) -> tuple[np.ndarray, ...]:
 
 
 class InterestModel(nn.Module, ABC):
-    """Base: item table, scoring, and the two encoders every model implements through `encode_positions`."""
+    """Base: item and event-type tables, scoring, and `encode` built on `encode_positions`."""
 
     name = "base"
 
@@ -71,7 +87,10 @@ class InterestModel(nn.Module, ABC):
         self.dim = dim
         self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
         self.type_emb = nn.Embedding(n_types + 1, dim)
-        nn.init.normal_(self.item_emb.weight, std=dim ** -0.5)
+        # One scale for every table added into an event vector: with nn.Embedding's N(0, 1) the type vectors
+        # would be sqrt(d) times longer than the item vectors and drown them.
+        for table in (self.item_emb, self.type_emb):
+            nn.init.normal_(table.weight, std=dim ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
@@ -82,6 +101,10 @@ class InterestModel(nn.Module, ABC):
 
         Position i may only use events 0..i (causal). Training queries position i at the time of event i+1.
         """
+
+    def decay_kernel(self, days: torch.Tensor) -> torch.Tensor | None:
+        """Relative weight the model gives an event `days` old (1 at age 0), or None without an explicit decay."""
+        return None
 
     # -- shared ----------------------------------------------------------------------------------------
     def forward(self, batch: Batch, t_query: torch.Tensor) -> torch.Tensor:
@@ -106,9 +129,36 @@ class InterestModel(nn.Module, ABC):
     def embed_events(self, batch: Batch) -> torch.Tensor:
         return self.item_emb(batch.items) + self.type_emb(batch.types.clamp(min=0))
 
-    def decay_report(self) -> dict[str, list[float]]:
-        """Learned time scales, as half-lives in days (models without explicit decay report none)."""
-        return {}
+    def decay_report(self) -> dict:
+        """The learned decay as reported (artifact meta, evaluation report): the kernel sampled on a grid of ages
+        and its half-life; models without an explicit decay report nothing."""
+        grid = torch.tensor([*KERNEL_GRID_DAYS, float("inf")], dtype=torch.float64)
+        with torch.no_grad():
+            kernel = self.decay_kernel(grid)
+        if kernel is None:
+            return {}
+        kernel = kernel.double().numpy()
+        return {"kernel_days": KERNEL_GRID_DAYS, "kernel": kernel[:-1].tolist(), "kernel_floor": float(kernel[-1]),
+                "half_life_days": kernel_half_life(kernel[:-1], np.asarray(KERNEL_GRID_DAYS), kernel[-1])}
+
+
+# Ages at which a decay kernel is reported: fine near 0, out to a year.
+KERNEL_GRID_DAYS = np.unique(np.concatenate([np.linspace(0, 2, 81), np.linspace(2, 30, 113),
+                                             np.geomspace(30, 365, 40)])).tolist()
+
+
+def kernel_half_life(kernel: np.ndarray, days: np.ndarray, floor: float) -> float:
+    """Half-life of the decaying part of a kernel sampled at `days` (days[0] = 0): the age at which
+    kernel - floor falls to half its value at age 0, where floor is the weight that never decays (the kernel's
+    limit). inf when nothing decays or the decaying part has not halved within the grid."""
+    decaying = kernel - floor
+    below = np.nonzero(decaying <= decaying[0] / 2)[0]
+    if decaying[0] <= 1e-9 * max(abs(kernel[0]), 1e-30) or not len(below):
+        return float("inf")
+    i = int(below[0])
+    # linear interpolation between the grid ages around the crossing
+    x0, x1, y0, y1 = days[i - 1], days[i], decaying[i - 1], decaying[i]
+    return float(x0 + (y0 - decaying[0] / 2) * (x1 - x0) / (y0 - y1)) if y0 != y1 else float(x1)
 
 
 def elapsed_days(t_query: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ class RecurrentInterest(InterestModel):
     name = "gru"
 
     def __init__(self, n_items: int, dim: int = 64, n_types: int = 4, cell: str = "gru", layers: int = 1,
-                 dropout: float = 0.1):
+                 dropout: float = 0.2):
         super().__init__(n_items, dim, n_types)
         rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
         self.name = cell
@@ -33,5 +33,6 @@ class RecurrentInterest(InterestModel):
                                                    batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
         hidden, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        hidden = self.drop(hidden)
         gap = log_days(t_query - batch.ts)
         return hidden + self.time_out(torch.cat([hidden, gap], dim=-1))
