@@ -2,8 +2,8 @@
 re-runs at any time and with corrected input, concurrent runs of the same job. Every scenario ends by comparing
 the tables with an uninterrupted in-order run (rows lost, rows duplicated) and checking the invariants.
 
-`make test` runs a fast slice (one real SIGKILL, one permutation); `make reliability` runs all of it and prints
-the figures (tests/conftest.py)."""
+`make test` runs a fast slice (one real SIGKILL on three days; test_reruns.py crashes sessionize in-process at
+every commit boundary); `make reliability` runs all of it and prints the figures (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch
 from ebbtide.artifacts import latest_artifact
 from ebbtide.config import load_config
 from ebbtide.generate import generate
-from ebbtide.nightly import Nightly
+from ebbtide.nightly import OUTPUTS, Nightly
+from ebbtide.runs import SESSIONIZE_DONE_TABLE, committed_dates
 from ebbtide.sessionize import Sessionizer
 from ebbtide.storage import open_storage
 from ebbtide.tables import table_specs
@@ -39,17 +40,17 @@ SESSIONIZE_POINTS = ["read:events", "write:quarantine", "commit:quarantine", "co
                      "write:item_vocab", "commit:item_vocab", "write:sessions", "commit:sessions",
                      "write:user_sequences", "commit:user_sequences", "commit:event_redeliveries", "write:events",
                      "commit:events", "end:sessionize"]
-NIGHTLY_POINTS = ["read:user_interest", "write:item_embeddings", "commit:item_embeddings",
-                  "write:user_recommendations", "commit:user_recommendations", "write:user_interest",
-                  "commit:user_interest", "end:nightly"]
-NIGHTLY_TABLES = ("item_embeddings", "user_recommendations", "user_interest")
+# nightly commits item_embeddings -> user_interest -> user_recommendations (nightly.OUTPUTS), then its report
+NIGHTLY_POINTS = ["read:user_interest", "write:item_embeddings", "commit:item_embeddings", "write:user_interest",
+                  "commit:user_interest", "write:user_recommendations", "commit:user_recommendations", "end:nightly"]
+NIGHTLY_TABLES = OUTPUTS
 
 
 # --------------------------------------------------------------------------------------------------
 # Data: ten generated days with bad records, duplicates, late events, and redeliveries with corrected times
 # --------------------------------------------------------------------------------------------------
-def _overrides(root: Path, tables: str = "tables") -> dict:
-    return {"generate.out": str(root / "raw"), "generate.users": 40, "generate.items": 50, "generate.days": 10,
+def _overrides(root: Path, tables: str = "tables", n_days: int = len(DAYS)) -> dict:
+    return {"generate.out": str(root / "raw"), "generate.users": 40, "generate.items": 50, "generate.days": n_days,
             "generate.start_date": START.isoformat(), "generate.bad_record_rate": 0.03,
             "generate.duplicate_rate": 0.05, "generate.late_rate": 0.1, "generate.users_per_chunk": 40,
             "generate.sessions_per_user_day": 0.4, "generate.events_per_session": 3.0,
@@ -57,14 +58,14 @@ def _overrides(root: Path, tables: str = "tables") -> dict:
             "storage.user_buckets": 2, "storage.max_rows_per_file": 100_000}
 
 
-def _redeliver_with_corrected_times(raw: Path, rng: random.Random) -> int:
+def _redeliver_with_corrected_times(raw: Path, days: list[dt.date], rng: random.Random) -> int:
     """Copy a few events of each day, with the same id and a shifted time, into a later day's input."""
     moved = 0
-    for i, day in enumerate(DAYS[:-1]):
+    for i, day in enumerate(days[:-1]):
         lines = [json.loads(x) for x in (raw / f"date={day}" / "part-00000.jsonl").read_text().splitlines()
                  if x.startswith('{"event_id":"')]
         picked = [x for x in lines if x.get("event_id")][:3]
-        later = DAYS[min(len(DAYS) - 1, i + rng.choice([1, 2]))]
+        later = days[min(len(days) - 1, i + rng.choice([1, 2]))]
         with open(raw / f"date={later}" / "part-00000.jsonl", "a") as fh:
             for rec in picked:
                 fh.write(json.dumps(dict(rec, ts=f"{later}T00:0{moved % 10}:00Z")) + "\n")
@@ -72,22 +73,31 @@ def _redeliver_with_corrected_times(raw: Path, rng: random.Random) -> int:
     return moved
 
 
-@pytest.fixture(scope="module")
-def days(spark, tmp_path_factory):
-    """Ten days of logs and the tables of an uninterrupted in-order run (the reference of every scenario), with a
+def _history(spark, root: Path, n_days: int):
+    """n days of logs and the tables of an uninterrupted in-order run (the reference of every scenario), with a
     copy of the tables after each day."""
-    root = tmp_path_factory.mktemp("reliability")
-    cfg = load_config("local", _overrides(root))
+    cfg = load_config("local", _overrides(root, n_days=n_days))
     generate(cfg.generate, progress=False)
-    _redeliver_with_corrected_times(root / "raw", random.Random(3))
+    _redeliver_with_corrected_times(root / "raw", DAYS[:n_days], random.Random(3))
     storage = open_storage(spark, cfg.storage)
     job = Sessionizer(spark, cfg, storage)
     snapshots = {}
-    for day in DAYS:
+    for day in DAYS[:n_days]:
         job.run(day)
         snapshots[day] = root / f"after-{day}"
         shutil.copytree(root / "tables", snapshots[day])
     return root, cfg, state(storage, cfg), snapshots
+
+
+@pytest.fixture(scope="module")
+def days(spark, tmp_path_factory):
+    return _history(spark, tmp_path_factory.mktemp("reliability"), len(DAYS))
+
+
+@pytest.fixture(scope="module")
+def few_days(spark, tmp_path_factory):
+    """Three days: enough for the real SIGKILL of the fast slice (`make test`)."""
+    return _history(spark, tmp_path_factory.mktemp("reliability-fast"), 3)
 
 
 def _state_at(spark, root: Path, snapshot: Path) -> dict:
@@ -121,6 +131,7 @@ def _run_order(spark, cfg, order) -> dict:
     return state(storage, cfg)
 
 
+@reliability
 def test_a_shuffled_backfill_converges_to_the_in_order_result(days, spark, figures):
     root, cfg, ref, _ = days
     order = DAYS[:]
@@ -236,30 +247,38 @@ def _orphans_removed_by_vacuum(spark, cfg, names) -> None:
         assert table_rows(storage, cfg, name) == before[name]
 
 
-def _kill_and_rerun_sessionize(days, spark, figures, point: str, name: str) -> None:
-    """Day 7 is killed at `point` (a real SIGKILL of `ebbtide sessionize`), then re-run."""
-    root, cfg, _, snapshots = days
-    cfg_k = _tables_at(root, snapshots[DAYS[5]], name)
-    rc, out, err = cli(_overrides(root, name), "sessionize", "--date", DAYS[6].isoformat(), faults=point)
+def _sessionized(storage, cfg, day) -> bool:
+    return day in committed_dates(storage, table_specs(cfg)[SESSIONIZE_DONE_TABLE], [day])
+
+
+def _kill_and_rerun_sessionize(history, spark, figures, point: str, name: str, day: dt.date) -> None:
+    """`day` is killed at `point` (a real SIGKILL of `ebbtide sessionize`) after the days before it, then re-run."""
+    root, cfg, _, snapshots = history
+    cfg_k = _tables_at(root, snapshots[day - dt.timedelta(days=1)], name)
+    rc, out, err = cli(_overrides(root, name), "sessionize", "--date", day.isoformat(), faults=point)
     assert rc == -signal.SIGKILL, (rc, err[-2000:])
     figures["faults injected"] += 1
     _readable(spark, cfg_k, table_specs(cfg_k))
     storage = open_storage(spark, cfg_k.storage)
-    Sessionizer(spark, cfg_k, storage).run(DAYS[6])
+    # the run counts as done (backfill skips it, nightly's guard accepts it) exactly once `events` is committed
+    landed = point in ("commit:events", "end:sessionize")
+    assert _sessionized(storage, cfg_k, day) == landed, point
+    Sessionizer(spark, cfg_k, storage).run(day)
+    assert _sessionized(storage, cfg_k, day)
     check_invariants(storage, cfg_k)
-    _converged(figures, _state_at(spark, root, snapshots[DAYS[6]]), state(storage, cfg_k))
+    _converged(figures, _state_at(spark, root, snapshots[day]), state(storage, cfg_k))
     _orphans_removed_by_vacuum(spark, cfg_k, ("quarantine", "sessions", "events"))
     figures["faults survived"] += 1
 
 
-def test_sessionize_sigkilled_between_commits_is_completed_by_a_rerun(days, spark, figures):
-    _kill_and_rerun_sessionize(days, spark, figures, "commit:sessions", "killed-fast")
+def test_sessionize_sigkilled_between_commits_is_completed_by_a_rerun(few_days, spark, figures):
+    _kill_and_rerun_sessionize(few_days, spark, figures, "commit:sessions", "killed-fast", DAYS[2])
 
 
 @reliability
 @pytest.mark.parametrize("point", SESSIONIZE_POINTS)
 def test_sessionize_sigkilled_anywhere_is_completed_by_a_rerun(days, spark, figures, point):
-    _kill_and_rerun_sessionize(days, spark, figures, point, "killed-" + point.replace(":", "-"))
+    _kill_and_rerun_sessionize(days, spark, figures, point, "killed-" + point.replace(":", "-"), DAYS[6])
 
 
 @pytest.fixture(scope="module")

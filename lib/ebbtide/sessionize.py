@@ -12,7 +12,8 @@ Idempotence and order-independence come from the data, not from bookkeeping:
   last event, and a sequence's n_events is summed from the user's sessions, i.e. from the data.
 Tables derived from events are committed before events itself: a run killed anywhere is completed by a re-run,
 which plans the same changes from the events it left as they were (item_vocab indices excepted: they are
-append-only, so they record first-processed order).
+append-only, so they record first-processed order). Every commit carries the run's marker (runs.py), tables left
+unchanged a marker-only one, so the marker in `events` says the whole run landed (backfill, nightly's guard).
 """
 
 from __future__ import annotations
