@@ -236,6 +236,32 @@ def test_a_job_builds_on_its_own_commits(store, spark):
     assert contents(store) == [("a", 2, D1), ("b", 3, D2)]
 
 
+def test_a_table_created_during_a_job_is_pinned_before_its_creation(store, other, spark):
+    """nightly creates its outputs inside its job: a concurrent run's first commit to them is a conflict, a
+    concurrent (empty) creation is not."""
+    spec = TableSpec("fresh", SCHEMA, ("day",), ("k",), properties=SPEC.properties)
+    with store.job("test", "first", [spec]):
+        other.ensure(spec)                                        # the other run created it first
+        store.ensure(spec)
+        store.append(spec, rows(spark, [("a", 1, D1)]))
+    spec = TableSpec("fresh2", SCHEMA, ("day",), ("k",), properties=SPEC.properties)
+    with store.job("test", "second", [spec]):
+        other.ensure(spec)
+        other.append(spec, rows(spark, [("b", 2, D2)]))           # and committed to it
+        store.ensure(spec)
+        with pytest.raises(TableConflictError, match="table fresh2: concurrent writer conflict"):
+            store.append(spec, rows(spark, [("a", 1, D1)]))
+
+
+def test_a_marker_commit_records_the_run_and_changes_no_file(store, spark):
+    store.append(SPEC, rows(spark, [("a", 1, D1)]))
+    files = store.active_files(SPEC)
+    result = store.mark(SPEC, AppTxn("ebbtide.test.2026-01-01", 7))
+    assert result.version == store.version(SPEC) == 2 and (result.files_added, result.files_removed) == (0, 0)
+    assert store.active_files(SPEC) == files and contents(store) == [("a", 1, D1)]
+    assert store.txn_versions(SPEC, ["ebbtide.test.2026-01-01"]) == {"ebbtide.test.2026-01-01": 7}
+
+
 # --------------------------------------------------------------------------------------------------
 # Paths, failed writes, statistics
 # --------------------------------------------------------------------------------------------------
