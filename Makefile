@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONF    ?= local
 
-.PHONY: setup test demo bench bench-quality lint clean java-check package package-env smoke
+.PHONY: setup test reliability demo bench bench-quality lint clean java-check package package-env smoke
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ $(STAMP): pyproject.toml constraints.txt | java-check
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Fault injection (SIGKILL of sessionize, nightly and train at their commit boundaries), backfills in any order,
+# re-runs, corrected inputs, concurrent runs and hostile input; prints its figures at the end. A fast slice of it
+# runs in `make test`.
+reliability: $(STAMP)
+	$(BIN)/python -m pytest --reliability tests/test_reliability.py tests/test_reruns.py tests/test_hostile_input.py
 
 demo: $(STAMP)
 	$(BIN)/python -m ebbtide.demo --conf $(CONF)

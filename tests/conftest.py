@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 from ebbtide.config import load_config
@@ -32,3 +33,39 @@ def make_config(tmp_path):
         return load_config("local", base)
 
     return build
+
+
+# Figures of the reliability tests (fault injection, re-run/backfill orders, hostile input), printed at the end.
+FIGURE_NAMES = ("faults injected", "faults survived", "orders tried", "re-runs tried", "corrected re-runs tried",
+                "concurrent runs tried", "bad-input kinds tried", "rows lost", "rows duplicated")
+FIGURES: Counter = Counter()
+
+
+@pytest.fixture
+def figures() -> Counter:
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("reliability figures")
+        for name in FIGURE_NAMES:
+            terminalreporter.write_line(f"{name:<24} {FIGURES[name]}")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability", action="store_true",
+                     help="also run the long reliability suite (tests marked reliability; `make reliability`)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reliability: the long fault-injection / backfill suite (make reliability)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reliability"):
+        return
+    long = [item for item in items if "reliability" in item.keywords]
+    if long:
+        config.hook.pytest_deselected(items=long)
+        items[:] = [item for item in items if "reliability" not in item.keywords]

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from ebbtide.backfill import backfill
@@ -26,6 +27,7 @@ from ebbtide.sessionize import Sessionizer
 from ebbtide.storage import StorageError, open_storage
 from ebbtide.tables import table_specs
 from ebbtide.train import train_models
+from pyspark.sql import functions as F
 
 START = dt.date(2026, 11, 1)
 D = [START + dt.timedelta(days=i) for i in range(7)]
@@ -278,6 +280,53 @@ def test_outputs_are_readable_with_deltalake_duckdb_and_spark(world, spark, tmp_
     top = con.execute("SELECT user_id, item_id FROM user_recommendations WHERE as_of = ? AND rank = 1",
                       [D[4]]).fetchall()
     assert len(top) == len({r[0] for r in _recs(storage, cfg, D[4])})
+
+
+# -- forgetting users -----------------------------------------------------------------------------------
+def _rows_per_table(storage, cfg, user) -> dict[str, int]:
+    from ebbtide.forget import USER_TABLES
+
+    specs = table_specs(cfg)
+    return {n: storage.read(specs[n]).where(F.col("user_id") == user).count() for n in USER_TABLES}
+
+
+def _files_naming(storage, cfg, user) -> list[str]:
+    """Data files of the user tables (any version, committed or not) that still hold the user's rows."""
+    import pyarrow.parquet as pq
+    from ebbtide.forget import USER_TABLES
+
+    specs = table_specs(cfg)
+    files = [p for n in USER_TABLES for p in Path(storage.location(specs[n])).rglob("*.parquet")
+             if "_delta_log" not in p.parts]
+    return [str(p) for p in files if user in pq.read_table(p, columns=["user_id"]).column("user_id").to_pylist()]
+
+
+def test_forget_user_removes_them_from_every_table_and_vacuum_from_disk(world, spark, tmp_path, capsys):
+    from helpers import check_invariants
+
+    cfg, storage = _copy(world, spark, tmp_path)
+    specs = table_specs(cfg)
+    named = {r.user_id for r in storage.read(specs["quarantine"]).where("user_id IS NOT NULL").collect()}
+    served = {r.user_id for r in storage.read(specs["user_recommendations"], where={"as_of": [D[2]]}).collect()}
+    user = sorted(named & served)[0]              # in every table: quarantine, events ... recommendations
+    parked = storage.read(specs["events"]).where(F.col("user_id") == user).limit(1)   # and a redelivered copy
+    storage.merge(specs["event_redeliveries"], parked.withColumn("ingest_date", F.date_add("ingest_date", 1)))
+    before = _rows_per_table(storage, cfg, user)
+    assert all(before.values()), before
+    args = ["--conf", "local", *[f"--set={k}={v}" for k, v in {**world["overrides"],
+                                                               "storage.root": str(tmp_path / "tables")}.items()]]
+    assert cli_main([*args, "forget-user", user]) == 0
+    printed = capsys.readouterr().out
+    for table, rows in before.items():                              # counts per table, as deleted
+        assert f"{table:<22} {rows:>10,} rows deleted" in printed
+    assert not any(_rows_per_table(storage, cfg, user).values())
+    check_invariants(storage, cfg)                                  # aggregates recomputed without them
+    Nightly(spark, cfg, storage).run(D[2])        # reads a user_sequences version from before the deletion
+    assert not any(_rows_per_table(storage, cfg, user).values()), "an as-of re-run brought the user back"
+    assert _files_naming(storage, cfg, user), "logical deletion: older versions keep their files"
+    assert cli_main([*args, "maintain", "--vacuum", "--retention-hours", "0"]) == 1       # the check is on
+    assert cli_main([*args, "maintain", "--vacuum", "--retention-hours", "0", "--no-retention-check"]) == 0
+    assert _files_naming(storage, cfg, user) == [], "VACUUM completes the physical deletion"
 
 
 # -- the notebook path ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from ebbtide import faults
 from ebbtide.storage import AppTxn, RsStorage, StorageError, TableConflictError, open_storage
 from ebbtide.tables import TableSpec
 from pyspark.sql import types as T
@@ -114,19 +115,6 @@ def test_snapshot_read_ignores_removed_files(store, spark):
     assert len(parquet_on_disk) == 1 and contents(store) == [("a", 2, D1)]
 
 
-def test_concurrent_conflicting_commit_fails_cleanly(store, spark):
-    store.append(SPEC, rows(spark, [("a", 1, D1), ("b", 2, D1)]))
-    stale = store._table(SPEC)                        # writer 1 read this snapshot
-    store.delete_where(SPEC, "k = 'a'")               # writer 2 commits first, removing the same file
-    from deltalake.transaction import RemoveAction
-    f = store._files_of(SPEC, stale)[0]
-    remove = RemoveAction(path=f.rel_path, data_change=True, deletion_timestamp=0, size=f.size,
-                          partition_values={"day": "2026-01-01"})
-    with pytest.raises(TableConflictError, match="intact"):
-        store._commit(SPEC, stale, [remove])
-    assert contents(store) == [("b", 2, D1)]
-
-
 def test_delete_optimize_history(store, spark):
     for k in "abcd":
         store.append(SPEC, rows(spark, [(k, 1, D1)]))
@@ -160,3 +148,197 @@ def test_replace_predicates_render_as_sql():
     assert where_sql({"b": [1, 2], "k": ["o'k"]}) == "`b` IN (1, 2) AND `k` IN ('o\\'k')"
     with pytest.raises(ValueError):
         where_sql({"day": []})
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrent writers: a second writer commits at the exact moment the first has written its files
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def other(store, spark, make_config):
+    """A second, independent writer on the same table (its own storage object, as another process would be)."""
+    faults.reset()
+    yield open_storage(spark, make_config(storage__engine="rs").storage)
+    faults.reset()
+
+
+def keyed(spark, k, v, day=D1, delete=False):
+    return spark.createDataFrame([(k, v, TS, [k], day, delete)], T.StructType(
+        SCHEMA.fields + [T.StructField("_delete", T.BooleanType())]))
+
+
+def write_folders(store):
+    return sorted(n for n in os.listdir(store.location(SPEC)) if n.startswith("write-"))
+
+
+def test_two_merges_inserting_the_same_new_key_cannot_both_commit(store, other, spark):
+    faults.on("write:kv", lambda: other.merge(SPEC, keyed(spark, "n", 2), delete_flag="_delete"))
+    with pytest.raises(TableConflictError, match="table kv: concurrent writer conflict"):
+        store.merge(SPEC, keyed(spark, "n", 1), delete_flag="_delete")
+    assert contents(store) == [("n", 2, D1)]          # the other writer's row, once
+    assert len(write_folders(store)) == 1             # the loser's uncommitted files are gone
+
+
+def test_two_replaces_of_the_same_empty_partition_cannot_both_commit(store, other, spark):
+    faults.on("write:kv", lambda: other.replace_where(SPEC, rows(spark, [("b", 2, D2)]), {"day": [D2]}))
+    with pytest.raises(TableConflictError, match="kv"):
+        store.replace_where(SPEC, rows(spark, [("a", 1, D2)]), {"day": [D2]})
+    assert contents(store) == [("b", 2, D2)]
+
+
+@pytest.mark.parametrize("first", ["merge", "append"])
+def test_merge_and_append_of_the_same_key_cannot_both_commit(store, other, spark, first):
+    do_merge = lambda s: s.merge(SPEC, keyed(spark, "k", 1), delete_flag="_delete")  # noqa: E731
+    do_append = lambda s: s.append(SPEC, rows(spark, [("k", 2, D1)]))                # noqa: E731
+    mine, theirs = (do_merge, do_append) if first == "merge" else (do_append, do_merge)
+    faults.on("write:kv", lambda: theirs(other))
+    with pytest.raises(TableConflictError):
+        mine(store)
+    assert [r[0] for r in contents(store)] == ["k"]
+
+
+def test_a_concurrent_commit_elsewhere_is_built_upon(store, other, spark):
+    store.append(SPEC, rows(spark, [("a", 1, D1)]))
+    faults.on("write:kv", lambda: other.merge(SPEC, keyed(spark, "z", 9, day=D2), delete_flag="_delete"))
+    store.merge(SPEC, keyed(spark, "a", 10), delete_flag="_delete")     # day D1 only: no conflict with D2
+    assert contents(store) == [("a", 10, D1), ("z", 9, D2)]
+    assert [h["version"] for h in store.history(SPEC)][:2] == [3, 2]
+
+
+def test_a_concurrent_delete_of_a_file_being_rewritten_conflicts(store, other, spark):
+    store.append(SPEC, rows(spark, [("a", 1, D1), ("b", 2, D1)]))
+    faults.on("write:kv", lambda: other.delete_where(SPEC, "k = 'a'"))
+    with pytest.raises(TableConflictError):
+        store.merge(SPEC, keyed(spark, "b", 20), delete_flag="_delete")
+    assert contents(store) == [("b", 2, D1)]
+
+
+def test_a_job_conflicts_on_what_it_read_earlier_not_only_on_what_it_writes(store, other, spark):
+    """nightly reads user_interest, computes for a while, then merges: a commit in between must fail the merge,
+    even though the merge itself would find a consistent snapshot."""
+    store.append(SPEC, rows(spark, [("a", 1, D1)]))
+    with store.job("test", "run"):
+        seen = store.read(SPEC, where={"day": [D1]}).collect()
+        other.merge(SPEC, keyed(spark, "a", 5), delete_flag="_delete")              # another run commits
+        with pytest.raises(TableConflictError, match="test run read at version 1"):
+            store.merge(SPEC, keyed(spark, "a", seen[0].v + 1), delete_flag="_delete")
+    assert contents(store) == [("a", 5, D1)]
+    with store.job("test", "rerun"):                                                 # a re-run sees the new state
+        store.merge(SPEC, keyed(spark, "a", store.read(SPEC).collect()[0].v + 1), delete_flag="_delete")
+    assert contents(store) == [("a", 6, D1)]
+
+
+def test_a_job_builds_on_its_own_commits(store, spark):
+    with store.job("test", "own"):
+        store.read(SPEC).count()
+        store.append(SPEC, rows(spark, [("a", 1, D1)]))
+        store.merge(SPEC, keyed(spark, "a", 2), delete_flag="_delete")
+        store.replace_where(SPEC, rows(spark, [("b", 3, D2)]), {"day": [D2]})
+    assert contents(store) == [("a", 2, D1), ("b", 3, D2)]
+
+
+def test_a_table_created_during_a_job_is_pinned_before_its_creation(store, other, spark):
+    """nightly creates its outputs inside its job: a concurrent run's first commit to them is a conflict, a
+    concurrent (empty) creation is not."""
+    spec = TableSpec("fresh", SCHEMA, ("day",), ("k",), properties=SPEC.properties)
+    with store.job("test", "first", [spec]):
+        other.ensure(spec)                                        # the other run created it first
+        store.ensure(spec)
+        store.append(spec, rows(spark, [("a", 1, D1)]))
+    spec = TableSpec("fresh2", SCHEMA, ("day",), ("k",), properties=SPEC.properties)
+    with store.job("test", "second", [spec]):
+        other.ensure(spec)
+        other.append(spec, rows(spark, [("b", 2, D2)]))           # and committed to it
+        store.ensure(spec)
+        with pytest.raises(TableConflictError, match="table fresh2: concurrent writer conflict"):
+            store.append(spec, rows(spark, [("a", 1, D1)]))
+
+
+def test_a_marker_commit_records_the_run_and_changes_no_file(store, spark):
+    store.append(SPEC, rows(spark, [("a", 1, D1)]))
+    files = store.active_files(SPEC)
+    result = store.mark(SPEC, AppTxn("ebbtide.test.2026-01-01", 7))
+    assert result.version == store.version(SPEC) == 2 and (result.files_added, result.files_removed) == (0, 0)
+    assert store.active_files(SPEC) == files and contents(store) == [("a", 1, D1)]
+    assert store.txn_versions(SPEC, ["ebbtide.test.2026-01-01"]) == {"ebbtide.test.2026-01-01": 7}
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths, failed writes, statistics
+# --------------------------------------------------------------------------------------------------
+def test_root_with_space_percent_and_plus(spark, make_config, tmp_path):
+    with pytest.raises(StorageError, match="'%41'.*rename the folder"):
+        open_storage(spark, make_config(storage__root=str(tmp_path / "a%41b"), storage__engine="rs").storage)
+    root = tmp_path / "my tables%x+é"
+    store = open_storage(spark, make_config(storage__root=str(root), storage__engine="rs").storage)
+    store.ensure(SPEC)
+    store.append(SPEC, rows(spark, [("a", 1, D1), ("b", 2, D2)]))
+    store.merge(SPEC, keyed(spark, "a", 10), delete_flag="_delete")
+    store.merge(SPEC, keyed(spark, "b", 0, day=D2, delete=True), delete_flag="_delete")
+    assert contents(store) == [("a", 10, D1)]
+    on_disk = {os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs}
+    assert all(p.startswith("my tables%x+é/kv/") for p in on_disk), on_disk   # nothing written outside the table
+
+
+def test_failed_write_leaves_no_folder_and_vacuum_removes_those_of_killed_writers(store, spark):
+    store.append(SPEC, rows(spark, [("a", 1, D1)]))
+    with pytest.raises(StorageError, match="outside"):
+        store.replace_where(SPEC, rows(spark, [("x", 1, D1)]), {"day": [D2]})
+    assert len(write_folders(store)) == 1
+    faults.on("write:kv", lambda: (_ for _ in ()).throw(faults.InjectedFault("killed")))   # dies like SIGKILL
+    with pytest.raises(faults.InjectedFault):
+        store.append(SPEC, rows(spark, [("b", 2, D1)]))
+    orphan = sorted(set(write_folders(store)))[-1]
+    assert len(write_folders(store)) == 2 and contents(store) == [("a", 1, D1)]
+    store.vacuum(SPEC, retention_hours=0, enforce_retention=False)
+    assert len(write_folders(store)) == 2             # young: could be a concurrent writer's commit in flight
+    day_old = __import__("time").time() - 25 * 3600
+    for d, _, fs in os.walk(os.path.join(store.location(SPEC), orphan)):
+        for f in fs:
+            os.utime(os.path.join(d, f), (day_old, day_old))
+    store.vacuum(SPEC, retention_hours=0, enforce_retention=False)
+    assert orphan not in write_folders(store) and contents(store) == [("a", 1, D1)]
+
+
+class _Stats:
+    def __init__(self, lo, hi, nulls=0):
+        self.min, self.max, self.null_count = lo, hi, nulls
+        self.has_min_max, self.has_null_count = lo is not None, True
+
+
+class _Meta:
+    """A footer with one column and the given row groups: (statistics, num_values)."""
+
+    def __init__(self, groups):
+        self.groups, self.num_rows, self.num_row_groups = groups, sum(n for _, n in groups), len(groups)
+        self.schema = type("S", (), {"__len__": lambda s: 1, "column": lambda s, i: type("C", (), {"path": "c"})})()
+
+    def row_group(self, rg):
+        st, n = self.groups[rg]
+        return type("RG", (), {"column": lambda s, i: type("CC", (), {"statistics": st, "num_values": n})()})()
+
+
+def test_file_statistics_are_never_narrower_than_the_data():
+    from ebbtide.storage import _parquet_stats
+
+    full = _parquet_stats(_Meta([(_Stats("a", "m"), 3), (_Stats("b", "z"), 2)]))
+    assert (full["minValues"], full["maxValues"], full["nullCount"]) == ({"c": "a"}, {"c": "z"}, {"c": 0})
+    # a row group with values but no min/max (a long value): no min/max at all, not the other group's
+    partial = _parquet_stats(_Meta([(_Stats("a", "m"), 3), (_Stats(None, None), 2)]))
+    assert partial["maxValues"] == {} and partial["nullCount"] == {"c": 0}
+    all_null = _parquet_stats(_Meta([(_Stats("a", "m"), 3), (_Stats(None, None, nulls=2), 2)]))
+    assert all_null["maxValues"] == {"c": "m"} and all_null["nullCount"] == {"c": 2}
+    inf = _parquet_stats(_Meta([(_Stats(1.0, float("inf")), 2)]))
+    assert inf["maxValues"] == {} and json.dumps(inf, allow_nan=False)
+
+    class Undecodable(_Stats):
+        @property
+        def max(self):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+        @max.setter
+        def max(self, _):
+            pass
+    assert _parquet_stats(_Meta([(Undecodable("a", "b"), 1)]))["maxValues"] == {}
+    t = dt.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
+    ts = _parquet_stats(_Meta([(_Stats(t, t), 1)]))
+    assert ts["minValues"]["c"] == "2026-01-01T12:00:00.123Z" and ts["maxValues"]["c"] == "2026-01-01T12:00:00.124Z"

@@ -1,8 +1,8 @@
 """`ebbtide backfill --from D1 --to D2`: sessionize then nightly for each date, in date order, resumable.
 
 A date's stage is skipped when its commit is already in the tables (judged from the run markers in the Delta
-log, see runs.py): sessionize when `user_sequences` holds `ebbtide.sessionize.D`, nightly when
-`user_recommendations` holds `ebbtide.nightly.D` (its last commit). A killed backfill re-run with the same range
+log, see runs.py): sessionize when `events` holds `ebbtide.sessionize.D`, nightly when
+`user_recommendations` holds `ebbtide.nightly.D` (each job's last commit). A killed backfill re-run with the same range
 therefore resumes at the first unfinished stage. Dates run in order and the backfill stops at the first failure:
 later nights depend on earlier data.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from ebbtide.config import Config
-from ebbtide.runs import committed_dates, nightly_app_id
+from ebbtide.runs import NIGHTLY_DONE_TABLE, SESSIONIZE_DONE_TABLE, committed_dates, nightly_app_id
 from ebbtide.storage import DeltaStorage
 from ebbtide.tables import table_specs
 
@@ -56,9 +56,9 @@ def backfill(spark, cfg: Config, storage: DeltaStorage, first: dt.date, last: dt
     dates = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
     sessionizer = Sessionizer(spark, cfg, storage)
     nightly = Nightly(spark, cfg, storage) if with_nightly else None
-    done_sessionize = set() if force else committed_dates(storage, specs["user_sequences"], dates)
+    done_sessionize = set() if force else committed_dates(storage, specs[SESSIONIZE_DONE_TABLE], dates)
     done_nightly = set() if force or not with_nightly else committed_dates(
-        storage, specs["user_recommendations"], dates, app_id=nightly_app_id)
+        storage, specs[NIGHTLY_DONE_TABLE], dates, app_id=nightly_app_id)
     summary = BackfillSummary(first, last)
     stages = len(dates) * (2 if with_nightly else 1)
     with tqdm(total=stages, desc="backfill", unit="stage", disable=None) as bar:

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="row counts, versions and protocol of every table")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("forget-user", aliases=["forget"],
+                       help="delete users from every table; VACUUM completes physical deletion")
+    p.add_argument("user_ids", nargs="+", metavar="USER_ID")
+
     p = sub.add_parser("maintain", help="expire old outputs, compact small files, vacuum removed ones")
     p.add_argument("--expire", action="store_true",
                    help="delete user_recommendations partitions / user_interest rows older than their retention")
@@ -80,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vacuum", action="store_true", help="delete removed files (Delta's retention check stays on)")
     p.add_argument("--as-of", type=_date, help="reference date for --expire (default: today, UTC)")
     p.add_argument("--retention-hours", type=int, help="vacuum retention (default storage.vacuum_retention_hours)")
+    p.add_argument("--no-retention-check", action="store_true",
+                   help="allow a retention below delta.deletedFileRetentionDuration (ends time travel to older "
+                        "versions; for physical deletion after forget-user, with no job running)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -175,6 +182,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             for t in summary:
                 print(f"{t['table']:<18} " + (f"v{t['version']:<4} {t['rows']:>12,} rows {t['files']:>5} files "
                                               f"protocol {tuple(t['protocol'])}" if t["exists"] else "missing"))
+    elif args.command in ("forget-user", "forget"):
+        from ebbtide.forget import forget_users
+
+        for table, rows in forget_users(cfg, storage, args.user_ids).items():
+            print(f"{table:<22} {rows:>10,} rows deleted")
+        print("older versions' files keep the rows until `ebbtide maintain --vacuum --retention-hours 0 "
+              "--no-retention-check` (see README, Forgetting users)")
     elif args.command == "backfill":
         from ebbtide.backfill import backfill
 
@@ -188,7 +202,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         from ebbtide.maintain import maintain, report_lines
 
         rows = maintain(cfg, storage, args.as_of or utc_today(), expire=args.expire, optimize=args.optimize,
-                        vacuum=args.vacuum, retention_hours=args.retention_hours)
+                        vacuum=args.vacuum, retention_hours=args.retention_hours,
+                        enforce_retention=not args.no_retention_check)
         print(json.dumps(rows, indent=2, default=str) if args.json else "\n".join(report_lines(rows)))
     return 0
 

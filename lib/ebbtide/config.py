@@ -76,6 +76,7 @@ class TablesConf(_Strict):
     user_sequences: str = "user_sequences"
     item_vocab: str = "item_vocab"
     item_daily_counts: str = "item_daily_counts"
+    event_redeliveries: str = "event_redeliveries"
     user_interest: str = "user_interest"
     item_embeddings: str = "item_embeddings"
     user_recommendations: str = "user_recommendations"
@@ -128,7 +129,11 @@ class SessionizeConf(_Strict):
     max_session_minutes: float = Field(240.0, gt=0)
     max_len: int = Field(200, ge=1, le=100_000)
     max_field_chars: int = Field(256, ge=8)
+    # Longer records are quarantined (oversize_field); quarantine keeps this many chars, their length and SHA-256.
     max_record_chars: int = Field(8192, ge=64)
+    # A day folder without a single record is refused (an empty delivery would otherwise erase that day's events);
+    # set true to accept it and make the day empty.
+    allow_empty_input: bool = False
 
     @field_validator("event_types")
     @classmethod

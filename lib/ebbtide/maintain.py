@@ -28,7 +28,8 @@ def expiry_predicates(cfg: Config, as_of: dt.date) -> dict[str, str]:
 
 
 def maintain(cfg: Config, storage: DeltaStorage, as_of: dt.date, expire: bool = False, optimize: bool = False,
-             vacuum: bool = False, retention_hours: int | None = None) -> list[dict[str, Any]]:
+             vacuum: bool = False, retention_hours: int | None = None,
+             enforce_retention: bool = True) -> list[dict[str, Any]]:
     """One report row per table: rows expired, optimize metrics, files vacuumed."""
     report = []
     predicates = expiry_predicates(cfg, as_of) if expire else {}
@@ -45,7 +46,7 @@ def maintain(cfg: Config, storage: DeltaStorage, as_of: dt.date, expire: bool = 
         if optimize:
             row["optimize"] = storage.optimize(spec)
         if vacuum:
-            row["vacuumed_files"] = len(storage.vacuum(spec, retention_hours))
+            row["vacuumed_files"] = len(storage.vacuum(spec, retention_hours, enforce_retention))
         report.append(row)
     return report
 

@@ -22,7 +22,8 @@ user whose history has not changed since the stored state is only rescaled (mode
 One consistent set, one commit order: item_embeddings (partition model_version), then user_interest (MERGE),
 then user_recommendations (partition as_of, with the run's application-transaction marker) last. A night's output
 is complete exactly when its user_recommendations partition exists; a failed run never leaves recommendations
-without the embeddings and interest rows they came from, and re-running the date completes it (idempotent).
+without the embeddings and interest rows they came from, and re-running the date completes it (idempotent). A run
+is one storage job (storage.job): of two runs at once, the second to commit a table fails there, naming it.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ from ebbtide.config import Config
 from ebbtide.models.base import Batch
 from ebbtide.promotion import resolve_model
 from ebbtide.runs import (
+    SESSIONIZE_DONE_TABLE,
     AsOfUnavailableError,
     committed_dates,
     nightly_app_id,
     version_as_of,
 )
 from ebbtide.split import day_start_seconds as seconds
-from ebbtide.storage import AppTxn, DeltaStorage
+from ebbtide.storage import AppTxn, DeltaStorage, unit_of_work
 from ebbtide.tables import table_specs
 
 log = logging.getLogger(__name__)
@@ -269,6 +271,7 @@ class Nightly:
     def resolve_model(self) -> Path:
         return resolve_model(self.cfg)
 
+    @unit_of_work("nightly", writes=OUTPUTS)
     def run(self, as_of: dt.date, full: bool = False) -> NightlyReport:
         started = time.time()
         n, specs, storage = self.cfg.nightly, self.specs, self.storage
@@ -308,7 +311,7 @@ class Nightly:
         day = dt.timedelta(days=1)
         if n.require_fresh:
             earlier = [as_of - day * i for i in range(1, n.retention_days + 1)]
-            done = committed_dates(storage, seq, [as_of, *earlier])
+            done = committed_dates(storage, specs[SESSIONIZE_DONE_TABLE], [as_of, *earlier])
             if as_of not in done:
                 raise StaleDataError(
                     f"nightly {as_of}: no sessionized data for {as_of} (no committed `ebbtide sessionize --date "
@@ -369,6 +372,9 @@ class Nightly:
                 .where(F.exists("ts", lambda x: (x >= F.lit(horizon)) & (x < F.lit(t_query))))
                 .withColumn("n_before", F.col("n_events") - F.size(F.filter("ts", lambda x: x >= F.lit(t_query))))
                 .withColumn("last_before", F.array_max(before).cast("double")))
+        if seq_version != storage.version(specs["user_sequences"]):
+            # an older version may still hold users deleted since (forget-user, or every event withdrawn)
+            seqs = seqs.join(storage.read(specs["user_sequences"]).select("user_id"), "user_id", "left_semi")
         prev = storage.read(specs["user_interest"]).select(
             "user_id", F.col("as_of").alias("prev_as_of"), F.col("model_version").alias("prev_model"),
             F.col("n_events").alias("prev_n"), F.unix_seconds("last_event_ts").cast("double").alias("prev_last"),

@@ -1,9 +1,11 @@
 """What has run, judged from the tables' own metadata: the application-transaction markers every job commits.
 
-Sessionize of run date D commits to each table it writes with the marker ``ebbtide.sessionize.D``; nightly of D
-commits ``ebbtide.nightly.D``. A marker in a table's snapshot means that run's commit to that table landed. From
+Sessionize of run date D commits to each table it writes with the marker ``ebbtide.sessionize.D`` (a table it
+does not change gets a marker-only commit), `events` last; nightly of D commits ``ebbtide.nightly.D``,
+`user_recommendations` last. A marker in a table's snapshot means that run's commit to that table landed. From
 the markers follow:
-* whether a date is done (backfill resumes, nightly's freshness guard);
+* whether a date is done, judged from the run's last table (backfill resumes, nightly's freshness guard): a run
+  killed before its last commit is not done and is re-run;
 * the table version a *timely* run of D read: the last version before any sessionize run of a later date
   committed. Nightly as of a past date time-travels to it, so a backfill or a re-run of an old date computes from
   exactly the events that were known at the end of D.
@@ -26,6 +28,11 @@ def sessionize_app_id(run_date: dt.date) -> str:
 
 def nightly_app_id(as_of: dt.date) -> str:
     return f"ebbtide.nightly.{as_of.isoformat()}"
+
+
+# The table each job commits last (sessionize.WRITES, nightly.OUTPUTS): its marker means the whole run landed.
+SESSIONIZE_DONE_TABLE = "events"
+NIGHTLY_DONE_TABLE = "user_recommendations"
 
 
 class AsOfUnavailableError(RuntimeError):

@@ -1,13 +1,19 @@
-"""Sessionize one run date of raw logs into the Delta tables events, quarantine, item_daily_counts, item_vocab,
-sessions and user_sequences.
+"""Sessionize one run date of raw logs into the Delta tables events, event_redeliveries, quarantine,
+item_daily_counts, item_vocab, sessions and user_sequences.
 
 Idempotence and order-independence come from the data, not from bookkeeping:
-* each event id keeps the copy delivered on the earliest run date (a re-run replaces its own copies);
+* the events of ingest date D are exactly what D's input holds (valid, one copy per event id): a re-run with a
+  corrected input withdraws what the input no longer holds;
+* each event id keeps the copy from the earliest ingest date that delivered it; later valid copies wait in
+  event_redeliveries, so the next earliest takes over if that copy is withdrawn;
 * quarantine and item_daily_counts replace whole partitions;
-* sessions and sequences of the users touched by a run are recomputed from a point where the result cannot
-  depend on what came before: the start of the inactivity chain that the earliest new event joins.
-Re-running a date, or running dates out of order, therefore converges to the in-order result (item_vocab
-indices excepted: they are append-only, so they record first-processed order).
+* sessions and sequences of the users whose events change are recomputed from a point where the result cannot
+  depend on what came before (the start of the inactivity chain their earliest changed event joins) up to their
+  last event, and a sequence's n_events is summed from the user's sessions, i.e. from the data.
+Tables derived from events are committed before events itself: a run killed anywhere is completed by a re-run,
+which plans the same changes from the events it left as they were (item_vocab indices excepted: they are
+append-only, so they record first-processed order). Every commit carries the run's marker (runs.py), tables left
+unchanged a marker-only one, so the marker in `events` says the whole run landed (backfill, nightly's guard).
 """
 
 from __future__ import annotations
@@ -21,20 +27,33 @@ from dataclasses import asdict, dataclass, field
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
-from ebbtide.config import Config, SessionizeConf
-from ebbtide.generate import day_folder
+from ebbtide.config import Config
+from ebbtide.rawlogs import (  # noqa: F401  (re-exported: the job's public names)
+    REASONS,
+    InputError,
+    input_folder,
+    parse_timestamp,
+    read_raw,
+    typed_events,
+)
+from ebbtide.runs import sessionize_app_id
 from ebbtide.storage import AppTxn, DeltaStorage
-from ebbtide.tables import TableSpec, table_specs
+from ebbtide.tables import EVENTS_SCHEMA, TableSpec, table_specs
 
 log = logging.getLogger(__name__)
 
-ID_FIELDS = ("event_id", "user_id", "item_id", "event_type")
-RAW_FIELDS = (*ID_FIELDS, "ts", "weight")
-REASONS = ("unparseable_record", "oversize_field", "wrong_type", "missing_user_id", "missing_item_id",
-           "unparseable_timestamp", "timestamp_too_old", "timestamp_in_future", "unknown_event_type")
-MAX_MICROS = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+EVENT_COLUMNS = [f.name for f in EVENTS_SCHEMA.fields]
+WRITES = ("quarantine", "item_daily_counts", "item_vocab", "sessions", "user_sequences", "event_redeliveries",
+          "events")   # in commit order: events, the source of every other table but quarantine, last
+MEMORY_AND_DISK = StorageLevel.MEMORY_AND_DISK
+
+
+def _stage(df: DataFrame) -> DataFrame:
+    """Materialize an intermediate result and cut its lineage: the plans built on it stay small (Spark re-analyzes
+    and compares whole plans against its cache on every step, which dominated small runs). A lost executor fails
+    the run, which a re-run completes."""
+    return df.localCheckpoint(eager=True, storageLevel=MEMORY_AND_DISK)
 
 
 @contextmanager
@@ -42,10 +61,6 @@ def _phase(name: str, run_date: dt.date):
     started = time.perf_counter()
     yield
     log.info("sessionize %s: %s took %.1fs", run_date, name, time.perf_counter() - started)
-
-
-class InputError(ValueError):
-    """The run's input cannot be read (missing folder, unreadable format)."""
 
 
 class ReconciliationError(RuntimeError):
@@ -60,7 +75,8 @@ class RunReport:
     quarantined: int = 0
     duplicates_in_batch: int = 0
     duplicates_of_earlier: int = 0
-    superseded_later: int = 0
+    superseded_later: int = 0      # kept copies of later ingest dates this run's copies replaced
+    withdrawn: int = 0             # copies an earlier run of this date kept that the input no longer holds
     quarantine_by_reason: dict[str, int] = field(default_factory=dict)
     users_touched: int = 0
     sessions_written: int = 0
@@ -81,7 +97,8 @@ class RunReport:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.quarantine_by_reason.items())) or "none"
         return (f"{self.run_date}: read {self.read:,} = kept {self.kept:,} + quarantined {self.quarantined:,} "
                 f"+ duplicates {self.duplicates:,} (in batch {self.duplicates_in_batch:,}, of earlier runs "
-                f"{self.duplicates_of_earlier:,}) | quarantine: {reasons} | users {self.users_touched:,}, "
+                f"{self.duplicates_of_earlier:,}) | superseded later copies {self.superseded_later:,}, withdrawn "
+                f"{self.withdrawn:,} | quarantine: {reasons} | users {self.users_touched:,}, "
                 f"sessions {self.sessions_written:,} | {self.seconds:.1f}s")
 
     def as_dict(self) -> dict:
@@ -90,143 +107,33 @@ class RunReport:
         return out
 
 
-# ------------------------------------------------------------------------------------------------------
-# Reading: every format becomes (raw, source_file, parsed, <field>_s strings, ts_native, wrong_type flags)
-# ------------------------------------------------------------------------------------------------------
-def input_folder(conf: SessionizeConf, run_date: dt.date) -> str:
-    return day_folder(conf.input, run_date)
+@dataclass
+class _Plan:
+    """What a run changes in `events`, computed before anything derived from it is written."""
+
+    affected_ids: DataFrame     # event ids with a copy in this run's input or from an earlier run of this date
+    winners: DataFrame          # the copy each affected id keeps after the run (event columns)
+    events_changes: DataFrame   # winners that differ from the kept copy + kept copies to delete (`_delete`)
+    redelivery_changes: DataFrame
+    touched: DataFrame          # user_id, ts, item_id of the winners and of the kept copies that go away
+    dates: list[dt.date]        # event_date partitions holding a winner or a copy that goes away
+    old_dates: list[dt.date]    # event_date partitions of kept copies that go away (the events MERGE looks there)
+    cached: list[DataFrame]
+
+    def release(self) -> None:
+        for df in self.cached:
+            df.unpersist()
 
 
-def _looks_structured(col: Column) -> Column:
-    return F.coalesce(F.trim(col).startswith("{") | F.trim(col).startswith("["), F.lit(False))
-
-
-def read_raw(spark: SparkSession, conf: SessionizeConf, run_date: dt.date) -> DataFrame:
-    folder = input_folder(conf, run_date)
-    try:
-        if conf.format == "json":
-            return _read_json(spark, folder)
-        if conf.format == "parquet":
-            return _from_typed(spark.read.option("mergeSchema", "true").parquet(folder))
-        return _from_typed(spark.read.option("header", "true").option("inferSchema", "false").csv(folder))
-    except Exception as err:  # AnalysisException: path does not exist / unreadable
-        if "PATH_NOT_FOUND" in str(err) or "does not exist" in str(err):
-            raise InputError(f"no input for run date {run_date}: {folder} does not exist") from None
-        raise InputError(f"cannot read {conf.format} input {folder}: {str(err).splitlines()[0]}") from err
-
-
-def _read_json(spark: SparkSession, folder: str) -> DataFrame:
-    # Lines are read as text so a broken line survives verbatim into quarantine.
-    lines = spark.read.text(folder).select(F.col("value").alias("raw"),
-                                           F.col("_metadata.file_path").alias("source_file"))
-    # A map keeps nested values as JSON text, so wrong types stay visible instead of turning into nulls.
-    parsed = lines.withColumn("_m", F.from_json("raw", "MAP<STRING,STRING>"))
-    cols = [F.col("raw"), F.length("raw").alias("record_chars"), F.col("source_file"),
-            F.col("_m").isNotNull().alias("parsed")]
-    cols += [F.col("_m")[f].alias(f"{f}_s") for f in RAW_FIELDS]
-    cols += [F.lit(None).cast("timestamp").alias("ts_native")]
-    wrong = F.lit(False)
-    for f in (*ID_FIELDS, "ts"):
-        wrong = wrong | _looks_structured(F.col("_m")[f])
-    weight = F.col("_m")["weight"]
-    wrong = wrong | (weight.isNotNull() & weight.try_cast("double").isNull())
-    return parsed.select(*cols, wrong.alias("wrong_type"))
-
-
-def _from_typed(df: DataFrame) -> DataFrame:
-    """Parquet / CSV columns -> the common shape; column types decide what is a wrong type."""
-    fields = {f.name: f.dataType for f in df.schema.fields}
-    # The record as JSON text is only built for rows that end up in quarantine (see typed_events).
-    cols = [F.to_json(F.struct(*[F.col(c) for c in df.columns])).alias("raw"), F.lit(0).alias("record_chars"),
-            F.col("_metadata.file_path").alias("source_file"), F.lit(True).alias("parsed")]
-    wrong = F.lit(False)
-    for f in RAW_FIELDS:
-        dtype = fields.get(f)
-        if dtype is None:
-            cols.append(F.lit(None).cast("string").alias(f"{f}_s"))
-        elif isinstance(dtype, (T.StructType, T.ArrayType, T.MapType, T.BinaryType)):
-            cols.append(F.lit(None).cast("string").alias(f"{f}_s"))
-            wrong = wrong | F.col(f).isNotNull()
-        elif f == "ts" and isinstance(dtype, (T.TimestampType, T.TimestampNTZType, T.DateType)):
-            cols.append(F.lit(None).cast("string").alias("ts_s"))
-        else:
-            cols.append(F.col(f).cast("string").alias(f"{f}_s"))
-    ts_type = fields.get("ts")
-    # timestamp_ntz is read as a UTC wall clock (the session time zone is UTC).
-    ts_native = (F.col("ts").cast("timestamp")
-                 if isinstance(ts_type, (T.TimestampType, T.TimestampNTZType, T.DateType)) else F.lit(None))
-    cols.append(ts_native.cast("timestamp").alias("ts_native"))
-    if "weight" in fields and isinstance(fields["weight"], T.StringType):
-        wrong = wrong | (F.col("weight").isNotNull() & F.col("weight").try_cast("double").isNull())
-    return df.select(*cols, wrong.alias("wrong_type"))
-
-
-# ------------------------------------------------------------------------------------------------------
-# Typing and validation
-# ------------------------------------------------------------------------------------------------------
-def parse_timestamp(ts_s: Column, ts_native: Column, epoch_unit: str) -> Column:
-    """ISO-8601 with or without zone (no zone = UTC), epoch s/ms/us (fixed or inferred by magnitude)."""
-    numeric = ts_s.rlike(r"^\s*-?[0-9]+(\.[0-9]+)?\s*$")
-    value = F.trim(ts_s).try_cast("double")
-    if epoch_unit == "auto":
-        # Seconds until year ~5138, milliseconds until ~5138, else microseconds.
-        factor = (F.when(F.abs(value) < 1e11, F.lit(1e6)).when(F.abs(value) < 1e14, F.lit(1e3))
-                  .otherwise(F.lit(1.0)))
-    else:
-        factor = F.lit({"s": 1e6, "ms": 1e3, "us": 1.0}[epoch_unit])
-    micros = (value * factor).try_cast("bigint")
-    from_number = F.when(F.abs(micros) <= MAX_MICROS, F.timestamp_micros(micros))
-    from_text = F.try_to_timestamp(F.trim(ts_s))
-    return F.coalesce(ts_native, F.when(numeric, from_number).otherwise(from_text))
-
-
-def typed_events(raw: DataFrame, conf: SessionizeConf, run_date: dt.date) -> DataFrame:
-    """Adds typed columns plus `reason`/`message` (null when the row is valid). First failing rule wins."""
-    user = F.trim(F.col("user_id_s"))
-    item = F.trim(F.col("item_id_s"))
-    etype = F.lower(F.trim(F.col("event_type_s")))
-    ts = parse_timestamp(F.col("ts_s"), F.col("ts_native"), conf.epoch_unit)
-    floor = dt.datetime.combine(conf.ts_floor, dt.time(), tzinfo=dt.timezone.utc)
-    ceiling = dt.datetime.combine(run_date + dt.timedelta(days=1 + conf.max_future_days), dt.time(),
-                                  tzinfo=dt.timezone.utc)
-    known = list(conf.event_types)
-    longest = F.greatest(*[F.coalesce(F.length(F.col(f"{f}_s")), F.lit(0)) for f in RAW_FIELDS])
-    df = raw.select("*", user.alias("user_id"), item.alias("item_id"), etype.alias("event_type"),
-                    ts.alias("ts"))
-    checks = [
-        ("unparseable_record", ~F.col("parsed"), F.lit("not a JSON object / unreadable record")),
-        ("oversize_field", (F.col("record_chars") > conf.max_record_chars) | (longest > conf.max_field_chars),
-         F.format_string(f"a field is longer than {conf.max_field_chars} chars (longest %d) or the record "
-                         f"longer than {conf.max_record_chars}", longest)),
-        ("wrong_type", F.col("wrong_type"), F.lit("an id/timestamp is an object or array, or weight is not numeric")),
-        ("missing_user_id", F.coalesce(F.col("user_id") == "", F.lit(True)), F.lit("user_id missing or empty")),
-        ("missing_item_id", F.coalesce(F.col("item_id") == "", F.lit(True)), F.lit("item_id missing or empty")),
-        ("unparseable_timestamp", F.col("ts").isNull(),
-         F.concat(F.lit("cannot parse ts: "), F.coalesce(F.col("ts_s"), F.lit("<missing>")))),
-        ("timestamp_too_old", F.col("ts") < F.lit(floor),
-         F.concat(F.lit(f"ts before floor {conf.ts_floor}: "), F.col("ts").cast("string"))),
-        ("timestamp_in_future", F.col("ts") >= F.lit(ceiling),
-         F.concat(F.lit(f"ts at/after {ceiling:%Y-%m-%d %H:%M} (run date + {conf.max_future_days} day(s)): "),
-                  F.col("ts").cast("string"))),
-        ("unknown_event_type", ~F.coalesce(F.col("event_type").isin(known), F.lit(False)),
-         F.concat(F.lit(f"event_type not in {known}: "), F.coalesce(F.col("event_type_s"), F.lit("<missing>")))),
-    ]
-    reason: Column = F.lit(None).cast("string")
-    message: Column = F.lit(None).cast("string")
-    for code, failed, text in reversed(checks):
-        reason = F.when(failed, F.lit(code)).otherwise(reason)
-        message = F.when(failed, text).otherwise(message)
-    weights = F.create_map(*[x for k, w in conf.event_types.items() for x in (F.lit(k), F.lit(float(w)))])
-    given_id = F.trim(F.col("event_id_s"))
-    stable_id = F.substring(F.sha2(F.concat_ws("\u0001", "user_id", "item_id", "event_type",
-                                               F.unix_micros("ts").cast("string")), 256), 1, 32)
-    return df.select(
-        F.when(reason.isNotNull(), F.col("raw")).alias("raw"), "source_file", "user_id", "item_id", "event_type",
-        "ts", reason.alias("reason"), message.alias("message"),
-        F.when(given_id != "", given_id).otherwise(stable_id).alias("event_id"),
-        F.coalesce(F.col("weight_s").try_cast("double"), weights[F.col("event_type")]).alias("weight"),
-        F.to_date("ts").alias("event_date"),
-    )
+def _changes(new: DataFrame, old: DataFrame, keys: list[str]) -> tuple[DataFrame, DataFrame]:
+    """Rows of `new` that differ from `old` (by key) to upsert, plus rows of `old` missing from `new` to delete
+    (a MERGE source with `_delete`); and the `old` rows that go away (replaced or deleted)."""
+    joined = (new.select(*keys, F.struct(*EVENT_COLUMNS).alias("n"))
+              .join(old.select(*keys, F.struct(*EVENT_COLUMNS).alias("o")), keys, "full_outer")
+              .where(~F.col("n").eqNullSafe(F.col("o"))))
+    source = (joined.where(F.col("n").isNotNull()).select("n.*", F.lit(False).alias("_delete"))
+              .unionByName(joined.where(F.col("n").isNull()).select("o.*", F.lit(True).alias("_delete"))))
+    return source, joined.where(F.col("o").isNotNull()).select("o.*")
 
 
 def dense_index(df: DataFrame, order: list[str], name: str, start: int) -> tuple[DataFrame, DataFrame]:
@@ -251,6 +158,32 @@ def user_bucket(n_buckets: int) -> Column:
     return F.pmod(F.xxhash64("user_id"), F.lit(n_buckets)).cast("int")
 
 
+def update_item_counts(storage: DeltaStorage, specs: dict[str, TableSpec], events: DataFrame,
+                       dates: list[dt.date], touched: DataFrame, txn: AppTxn | None = None) -> None:
+    """Replace item_daily_counts of `dates` with counts of `events` (those partitions as they are now), and bring
+    the vocabulary's totals of the `touched` items up to date; new items get the next indices."""
+    daily = events.groupBy("item_id", "event_date").agg(F.count("*").alias("n_events"),
+                                                        F.sum("weight").alias("weight_sum"))
+    storage.replace_where(specs["item_daily_counts"], daily, {"event_date": dates}, txn=txn)
+    totals = (storage.read(specs["item_daily_counts"]).join(touched, "item_id", "left_semi")
+              .groupBy("item_id").agg(F.min("event_date").alias("_first"), F.sum("n_events").alias("_n")))
+    vocab = storage.read(specs["item_vocab"])
+    max_idx = vocab.agg(F.max("item_idx")).collect()[0][0]
+    next_idx = -1 if max_idx is None else max_idx
+    # Known items get their totals (0 when every event of the item went away: indices are never reused).
+    known = (vocab.join(touched, "item_id", "left_semi").join(totals, "item_id", "left").select(
+        "item_id", "item_idx", F.coalesce("_first", "first_seen_date").alias("first_seen_date"),
+        F.coalesce("_n", F.lit(0)).cast("long").alias("n_events")))
+    # New items are appended after the largest index, in (first seen, id) order; indices never move.
+    fresh, staged = dense_index(totals.join(vocab.select("item_id"), "item_id", "left_anti").select(
+        "item_id", F.col("_first").alias("first_seen_date"), F.col("_n").alias("n_events")),
+        ["first_seen_date", "item_id"], "item_idx", start=next_idx + 1)
+    try:
+        storage.merge(specs["item_vocab"], known.unionByName(fresh), txn=txn)
+    finally:
+        staged.unpersist()
+
+
 # ------------------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------------------
@@ -261,8 +194,8 @@ class Sessionizer:
         self.conf = cfg.sessionize
         self.storage = storage
         self.specs: dict[str, TableSpec] = table_specs(cfg)
-        for spec in self.specs.values():
-            storage.ensure(spec)
+        for name in WRITES:
+            storage.ensure(self.specs[name])
 
     def run_range(self, first: dt.date, last: dt.date) -> list[RunReport]:
         days = (last - first).days
@@ -271,138 +204,167 @@ class Sessionizer:
         return [self.run(first + dt.timedelta(days=d)) for d in range(days + 1)]
 
     def run(self, run_date: dt.date) -> RunReport:
+        """One run date, as one unit of work: a concurrent writer's commit to what it read fails it cleanly."""
         started = time.time()
         report = RunReport(run_date)
-        txn = AppTxn(f"ebbtide.sessionize.{run_date.isoformat()}", int(started))
-        raw = read_raw(self.spark, self.conf, run_date)
-        typed = typed_events(raw, self.conf, run_date).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            with _phase("read and validate", run_date):
-                report.read = typed.count()
-            with _phase("quarantine", run_date):
-                self._write_quarantine(typed, run_date, txn, report)
-            with _phase("dedup", run_date):
-                classified = self._classify(typed, run_date, report)
-            kept = classified.where(~F.col("status").isin("duplicate_in_batch", "duplicate_of_earlier"))
-            try:
-                dates = sorted(r[0] for r in kept.select("event_date").distinct().collect())
-                if dates:
-                    with _phase("events merge", run_date):
-                        self.storage.merge(self.specs["events"], kept.drop("status"), txn=txn)
-                    with _phase("item counts and vocab", run_date):
-                        self._update_item_counts(dates, txn)
-                    with _phase("sessions and sequences", run_date):
-                        self._update_users(kept, run_date, txn, report)
-                with _phase("verify", run_date):
-                    report.kept = self._count_written(dates, run_date)
-            finally:
-                classified.unpersist()
-        finally:
-            typed.unpersist()
+        with self.storage.job("sessionize", run_date.isoformat(), [self.specs[n] for n in WRITES]):
+            self._process(run_date, report, AppTxn(sessionize_app_id(run_date), int(started)))
+        with _phase("verify", run_date):   # bookkeeping, from the tables as committed
+            self._count_written(run_date, report)
         report.seconds = time.time() - started
         report.check()
         log.info("sessionize %s", report.line())
         return report
 
+    def _process(self, run_date: dt.date, report: RunReport, txn: AppTxn) -> None:
+        typed = typed_events(read_raw(self.spark, self.conf, run_date), self.conf, run_date)
+        try:
+            with _phase("read and validate", run_date):
+                try:
+                    typed = _stage(typed)
+                    report.read = typed.count()
+                except Exception as err:  # a file Spark cannot decode (a corrupt Parquet page, ...)
+                    raise InputError(f"cannot read the input of {run_date} ({input_folder(self.conf, run_date)}): "
+                                     f"{str(err).strip().splitlines()[0][:500]}") from err
+            if report.read == 0 and not self.conf.allow_empty_input:
+                raise InputError(f"no records in {input_folder(self.conf, run_date)}: refusing to replace the "
+                                 f"data of {run_date} with nothing (set sessionize.allow_empty_input=true if the "
+                                 "day really is empty); nothing was written")
+            with _phase("quarantine", run_date):
+                self._write_quarantine(typed, run_date, txn)
+            with _phase("plan", run_date):
+                plan = self._plan(typed, run_date, report)
+            try:
+                if plan.dates:
+                    with _phase("item counts and vocab", run_date):
+                        self._update_item_counts(plan, txn)
+                    with _phase("sessions and sequences", run_date):
+                        self._update_users(plan, run_date, report, txn)
+                with _phase("events", run_date):
+                    self._write_events(plan, txn)
+            finally:
+                plan.release()
+        finally:
+            typed.unpersist()
+
     # -- quarantine ---------------------------------------------------------------------------------------
-    def _write_quarantine(self, typed: DataFrame, run_date: dt.date, txn: AppTxn, report: RunReport) -> None:
+    def _write_quarantine(self, typed: DataFrame, run_date: dt.date, txn: AppTxn) -> None:
         bad = typed.where(F.col("reason").isNotNull()).select(
-            "raw", "reason", "message", "source_file", F.lit(run_date).alias("run_date"))
+            "raw", "reason", "message", "source_file", F.lit(run_date).alias("run_date"), "raw_chars", "raw_sha256",
+            F.col("quarantine_user_id").alias("user_id"))
         self.storage.replace_where(self.specs["quarantine"], bad, {"run_date": [run_date]}, txn=txn)
-        # Counted from the table just written, so the reconciliation checks what actually landed.
+
+    # -- the plan: which copy of each event id is kept -----------------------------------------------------
+    def _plan(self, typed: DataFrame, run_date: dt.date, report: RunReport) -> _Plan:
+        events, redeliveries = self.specs["events"], self.specs["event_redeliveries"]
+        valid = typed.where(F.col("reason").isNull())
+        # Deterministic pick among copies of one event id inside the batch.
+        in_batch = Window.partitionBy("event_id").orderBy("ts", "source_file", "user_id", "item_id", "event_type",
+                                                          "weight")
+        ranked = valid.withColumn("_copy", F.row_number().over(in_batch)).withColumn(
+            "ingest_date", F.lit(run_date))
+        batch = _stage(ranked.where(F.col("_copy") == 1).select(*EVENT_COLUMNS))
+        report.duplicates_in_batch = valid.count() - batch.count()
+        # Ids an earlier run of this date kept or parked: the input may have withdrawn them.
+        earlier_run = (self.storage.read(events).where(F.col("ingest_date") == F.lit(run_date)).select("event_id")
+                       .unionByName(self.storage.read(redeliveries, where={"ingest_date": [run_date]})
+                                    .select("event_id")))
+        affected = _stage(batch.select("event_id").unionByName(earlier_run).distinct())
+        kept = _stage(self.storage.read_matching(events, affected))
+        parked = _stage(self.storage.read_matching(redeliveries, affected))
+        # Every copy of the affected ids after this run: other dates' copies (a crash between the two MERGEs may
+        # leave one in both tables), and this run's.
+        copy_key = ["event_id", "ingest_date"]
+        copies = (kept.unionByName(parked.join(kept.select(*copy_key), copy_key, "left_anti"))
+                  .where(F.col("ingest_date") != F.lit(run_date)).unionByName(batch))
+        by_ingest = Window.partitionBy("event_id").orderBy("ingest_date")
+        ranked_copies = _stage(copies.withColumn("_rank", F.row_number().over(by_ingest)))
+        winners = ranked_copies.where(F.col("_rank") == 1).select(*EVENT_COLUMNS)
+        losers = ranked_copies.where(F.col("_rank") > 1).select(*EVENT_COLUMNS)
+        events_changes, replaced = _changes(winners, kept, ["event_id"])
+        events_changes, replaced = _stage(events_changes), _stage(replaced)
+        redelivery_changes = _stage(_changes(losers, parked, copy_key)[0])
+        touched = winners.unionByName(replaced).select("user_id", "ts", "item_id", "event_date")
+        dates = sorted(r[0] for r in touched.select("event_date").distinct().collect())
+        old_dates = sorted(r[0] for r in replaced.select("event_date").distinct().collect())
+        counts = replaced.join(winners.select("event_id", F.col("ingest_date").alias("_now")), "event_id", "left") \
+            .agg(F.sum(F.when((F.col("ingest_date") > F.lit(run_date)) & (F.col("_now") == F.lit(run_date)), 1)
+                       .otherwise(0)).alias("superseded"),
+                 F.sum(F.when((F.col("ingest_date") == F.lit(run_date))
+                              & F.coalesce(F.col("_now") != F.lit(run_date), F.lit(True)), 1)
+                       .otherwise(0)).alias("withdrawn")).collect()[0]
+        report.superseded_later, report.withdrawn = counts["superseded"] or 0, counts["withdrawn"] or 0
+        return _Plan(affected, winners, events_changes, redelivery_changes, touched, dates, old_dates,
+                     [affected, kept, parked, ranked_copies, events_changes, replaced, redelivery_changes])
+
+    def _events_after(self, plan: _Plan, dates: list[dt.date]) -> DataFrame:
+        """`events` of these event_date partitions as they are once this run commits."""
+        current = self.storage.read(self.specs["events"], where={"event_date": dates})
+        return (current.join(plan.affected_ids, "event_id", "left_anti")
+                .unionByName(plan.winners.where(F.col("event_date").isin(dates))))
+
+    def _write_events(self, plan: _Plan, txn: AppTxn) -> None:
+        """The commit point of a run: parked copies first, then the kept ones. A table the run did not change gets
+        the run's marker instead, in commit order (WRITES): the marker in `events` means the whole run landed."""
+        old_dates = {"event_date": plan.old_dates} if plan.old_dates else None
+        for name, changes, search in (("event_redeliveries", plan.redelivery_changes, None),
+                                      ("events", plan.events_changes, old_dates)):
+            self._mark_unchanged(WRITES[:WRITES.index(name)], txn)
+            if changes.isEmpty():
+                self.storage.mark(self.specs[name], txn)
+            else:
+                self.storage.merge(self.specs[name], changes, delete_flag="_delete", txn=txn, search=search)
+
+    def _mark_unchanged(self, names: tuple[str, ...], txn: AppTxn) -> None:
+        for name in names:
+            if not self.storage.committed_in_job(self.specs[name]):
+                self.storage.mark(self.specs[name], txn)
+
+    def _count_written(self, run_date: dt.date, report: RunReport) -> None:
+        """Reconciliation counts, from the tables just written."""
         written = self.storage.read(self.specs["quarantine"], where={"run_date": [run_date]})
         report.quarantine_by_reason = {r["reason"]: r["count"] for r in written.groupBy("reason").count().collect()}
         report.quarantined = sum(report.quarantine_by_reason.values())
-
-    # -- dedup and classification -------------------------------------------------------------------------
-    def _classify(self, typed: DataFrame, run_date: dt.date, report: RunReport) -> DataFrame:
-        """Valid rows, one per event id, that this run keeps; counts the duplicates it drops (one pass)."""
-        valid = typed.where(F.col("reason").isNull())
-        # Deterministic pick among copies of one event id inside the batch.
-        w = Window.partitionBy("event_id").orderBy("ts", "source_file", "user_id", "item_id", "event_type", "weight")
-        ranked = valid.withColumn("_copy", F.row_number().over(w)).select(
-            "event_id", "user_id", "item_id", "event_type", "ts", "weight", "event_date",
-            F.lit(run_date).alias("ingest_date"), "source_file", "_copy")
-        dates = [r[0] for r in valid.select("event_date").distinct().collect()]
-        events = self.specs["events"]
-        existing = (self.storage.read(events, where={"event_date": dates}) if dates
-                    else self.spark.createDataFrame([], events.schema))
-        prior = existing.select("event_id", F.col("ingest_date").alias("_prior_ingest"))
-        classified = ranked.join(prior, "event_id", "left").withColumn(
-            "status",
-            F.when(F.col("_copy") > 1, "duplicate_in_batch")
-            .when(F.col("_prior_ingest").isNull(), "new")
-            .when(F.col("_prior_ingest") < F.lit(run_date), "duplicate_of_earlier")
-            .when(F.col("_prior_ingest") > F.lit(run_date), "supersedes_later")
-            .otherwise("rerun")).drop("_prior_ingest", "_copy").persist(StorageLevel.MEMORY_AND_DISK)
-        counts = {r["status"]: r["count"] for r in classified.groupBy("status").count().collect()}
-        report.duplicates_in_batch = counts.get("duplicate_in_batch", 0)
-        report.duplicates_of_earlier = counts.get("duplicate_of_earlier", 0)
-        report.superseded_later = counts.get("supersedes_later", 0)
-        return classified
-
-    def _count_written(self, dates: list[dt.date], run_date: dt.date) -> int:
-        if not dates:
-            return 0
-        events = self.storage.read(self.specs["events"], where={"event_date": dates})
-        return events.where(F.col("ingest_date") == F.lit(run_date)).count()
+        report.kept = self.storage.read(self.specs["events"]).where(F.col("ingest_date") == F.lit(run_date)).count()
+        report.duplicates_of_earlier = self.storage.read(self.specs["event_redeliveries"],
+                                                         where={"ingest_date": [run_date]}).count()
 
     # -- items ------------------------------------------------------------------------------------------
-    def _update_item_counts(self, dates: list[dt.date], txn: AppTxn) -> None:
-        events = self.storage.read(self.specs["events"], where={"event_date": dates})
-        daily = events.groupBy("item_id", "event_date").agg(F.count("*").alias("n_events"),
-                                                            F.sum("weight").alias("weight_sum"))
-        self.storage.replace_where(self.specs["item_daily_counts"], daily, {"event_date": dates}, txn=txn)
-        touched = daily.select("item_id").distinct()
-        totals = (self.storage.read(self.specs["item_daily_counts"]).join(touched, "item_id", "left_semi")
-                  .groupBy("item_id").agg(F.min("event_date").alias("first_seen_date"),
-                                          F.sum("n_events").alias("n_events")))
-        vocab = self.storage.read(self.specs["item_vocab"])
-        max_idx = vocab.agg(F.max("item_idx")).collect()[0][0]
-        next_idx = -1 if max_idx is None else max_idx
-        known = totals.join(vocab.select("item_id", "item_idx"), "item_id", "inner")
-        # New items are appended after the largest index, in (first seen, id) order; indices never move.
-        fresh, staged = dense_index(totals.join(vocab.select("item_id"), "item_id", "left_anti"),
-                                    ["first_seen_date", "item_id"], "item_idx", start=next_idx + 1)
-        try:
-            self.storage.merge(self.specs["item_vocab"], known.unionByName(fresh), txn=txn)
-        finally:
-            staged.unpersist()
+    def _update_item_counts(self, plan: _Plan, txn: AppTxn) -> None:
+        update_item_counts(self.storage, self.specs, self._events_after(plan, plan.dates), plan.dates,
+                           plan.touched.select("item_id").distinct(), txn)
 
     # -- sessions and sequences ---------------------------------------------------------------------------
-    def _update_users(self, kept: DataFrame, run_date: dt.date, txn: AppTxn, report: RunReport) -> None:
+    def _update_users(self, plan: _Plan, run_date: dt.date, report: RunReport, txn: AppTxn) -> None:
         conf, specs = self.conf, self.specs
         gap_us = int(conf.session_gap_minutes * 60e6)
         max_us = int(conf.max_session_minutes * 60e6)
         n_buckets = self.cfg.storage.user_buckets
-        affected = (kept.groupBy("user_id").agg(
-            F.min("ts").alias("t0"), F.max("ts").alias("t_max"),
-            F.sum(F.when(F.col("status") == "new", 1).otherwise(0)).cast("long").alias("n_new"))
-            .withColumn("user_bucket", user_bucket(n_buckets))).persist(StorageLevel.MEMORY_AND_DISK)
+        affected = _stage(plan.touched.groupBy("user_id").agg(F.min("ts").alias("t0"))
+                          .withColumn("user_bucket", user_bucket(n_buckets)))
         try:
             buckets = sorted(r[0] for r in affected.select("user_bucket").distinct().collect())
             sessions = self.storage.read(specs["sessions"], where={"user_bucket": buckets})
-            # The session in progress at the earliest new event; if the event continues its chain (gap within
+            # The session in progress at the earliest changed event; if the event continues its chain (gap within
             # the limit), recomputation restarts at the chain start, else at the event itself.
             prev = (sessions.join(affected.select("user_id", "t0"), "user_id")
                     .where(F.col("start_ts") <= F.col("t0"))
                     .groupBy("user_id").agg(F.max_by(F.struct("chain_start_ts", "end_ts"), "start_ts").alias("p")))
             continues = (F.unix_micros("t0") - F.unix_micros("p.end_ts")) <= gap_us
             starts = (affected.join(prev, "user_id", "left").select(
-                "user_id", "user_bucket", "t0", "t_max", "n_new",
+                "user_id", "user_bucket",
                 F.date_trunc("second", F.when(F.col("p").isNotNull() & continues, F.col("p.chain_start_ts"))
-                             .otherwise(F.col("t0"))).alias("from_ts"))).persist(StorageLevel.MEMORY_AND_DISK)
+                             .otherwise(F.col("t0"))).alias("from_ts"))).persist(MEMORY_AND_DISK)
             with _phase("  affected users", run_date):
                 report.users_touched = starts.count()
+            # Every event from the recompute point on, up to the user's last: partitions after the run date too.
             first_day = starts.agg(F.min("from_ts")).collect()[0][0].date()
-            last_day = run_date + dt.timedelta(days=1 + conf.max_future_days)
-            window_days = [first_day + dt.timedelta(days=i) for i in range((last_day - first_day).days + 1)]
-            events = self.storage.read(specs["events"], where={"event_date": window_days})
-            recent = (events.join(starts.select("user_id", "from_ts"), "user_id")
+            existing = self.storage.partition_values(specs["events"], "event_date")
+            window = sorted(d for d in set(existing) | set(plan.dates) if d >= first_day)
+            recent = (self._events_after(plan, window).join(starts.select("user_id", "from_ts"), "user_id")
                       .where(F.col("ts") >= F.col("from_ts")))
-            cut = sessionize_events(recent, gap_us, max_us).persist(StorageLevel.MEMORY_AND_DISK)
             with _phase("  cut sessions", run_date):
-                cut.count()
+                cut = _stage(sessionize_events(recent, gap_us, max_us))
             try:
                 new_sessions = session_rows(cut, n_buckets)
                 stale = (sessions.join(starts.select("user_id", "from_ts"), "user_id")
@@ -415,29 +377,53 @@ class Sessionizer:
                 with _phase("  sessions count", run_date):
                     report.sessions_written = new_sessions.count()
                 with _phase("  sequences", run_date):
-                    self._update_sequences(cut, starts, buckets, txn)
+                    self._update_sequences(plan, cut, starts, sessions, buckets, existing, txn)
             finally:
                 cut.unpersist()
                 starts.unpersist()
         finally:
             affected.unpersist()
 
-    def _update_sequences(self, cut: DataFrame, starts: DataFrame, buckets: list[int], txn: AppTxn) -> None:
+    def _update_sequences(self, plan: _Plan, cut: DataFrame, starts: DataFrame, sessions: DataFrame,
+                          buckets: list[int], existing: list[dt.date], txn: AppTxn) -> None:
+        """Sequences of the recomputed users: their stored entries before the recompute point, then the fresh
+        ones. Counters come from the sessions before that point plus the fresh events: n_events is the number of
+        the user's events in `events`, whatever happened to earlier runs."""
         conf, spec = self.conf, self.specs["user_sequences"]
+        points = starts.select("user_id", "from_ts")
+        previous = self.storage.read(spec, where={"user_bucket": buckets})
+        kept_old = _stored_before(previous.join(points, "user_id"))
+        before = (sessions.join(points, "user_id").where(F.col("start_ts") < F.col("from_ts")).groupBy("user_id")
+                  .agg(F.sum("n_events").alias("n_before"), F.min("start_ts").alias("first_before"),
+                       F.max("end_ts").alias("last_before")))
+        fresh_stats = cut.groupBy("user_id").agg(F.count("*").alias("n_fresh"), F.min("ts").alias("first_fresh"),
+                                                 F.max("ts").alias("last_fresh"))
+        stats = (starts.select("user_id", "user_bucket").join(before, "user_id", "left")
+                 .join(fresh_stats, "user_id", "left")
+                 .join(kept_old.groupBy("user_id").agg(F.count("*").alias("n_stored")), "user_id", "left")
+                 .fillna(0, ["n_before", "n_fresh", "n_stored"])).persist(MEMORY_AND_DISK)
+        try:
+            # A window can hold fewer earlier entries than it needs when events after the recompute point went
+            # away (a corrected input): those users are rebuilt from their whole history.
+            short = stats.where(F.col("n_stored") < F.least(
+                "n_before", F.greatest(F.lit(conf.max_len) - F.col("n_fresh"), F.lit(0)))).select("user_id")
+            fresh_cut = cut
+            if not short.isEmpty():
+                every_day = sorted(set(existing) | set(plan.dates))
+                history = self._events_after(plan, every_day).join(short, "user_id", "left_semi")
+                gap_us, max_us = int(conf.session_gap_minutes * 60e6), int(conf.max_session_minutes * 60e6)
+                fresh_cut = cut.join(short, "user_id", "left_anti").unionByName(
+                    sessionize_events(history, gap_us, max_us), allowMissingColumns=True)
+                kept_old = kept_old.join(short, "user_id", "left_anti")
+            rows = self._sequence_rows(kept_old, fresh_cut, stats)
+            self.storage.merge(spec, rows, delete_flag="_delete", txn=txn)
+        finally:
+            stats.unpersist()
+
+    def _sequence_rows(self, kept_old: DataFrame, cut: DataFrame, stats: DataFrame) -> DataFrame:
+        conf = self.conf
         vocab = self.storage.read(self.specs["item_vocab"]).select("item_id", "item_idx")
         type_codes = F.array(*[F.lit(t) for t in conf.event_types])
-        # One snapshot of the touched buckets serves both the kept events and the previous counters.
-        previous = self.storage.read(spec, where={"user_bucket": buckets})
-        old = previous.join(starts.select("user_id", "from_ts"), "user_id")
-        # Events before the recompute point keep their place; their session keys stay distinct from new ones.
-        kept_old = (old.select("user_id", "from_ts", F.posexplode(F.arrays_zip(
-            "item_idx", "ts", "event_type", "session_idx", "weight")).alias("pos", "e"))
-            .where(F.col("e.ts") < F.unix_seconds("from_ts"))
-            .select("user_id", (F.col("e.ts") * 1_000_000).alias("order_us"),
-                    F.format_string("%08d", "pos").alias("tie"), F.col("e.item_idx").alias("item_idx"),
-                    F.col("e.ts").alias("ts_s"), F.col("e.event_type").alias("etype"),
-                    F.col("e.weight").alias("weight"),
-                    F.concat(F.lit("o"), F.col("e.session_idx").cast("string")).alias("skey")))
         fresh = (cut.join(vocab, "item_id").select(
             "user_id", F.unix_micros("ts").alias("order_us"), F.col("event_id").alias("tie"), "item_idx",
             F.unix_seconds("ts").alias("ts_s"),
@@ -451,19 +437,28 @@ class Sessionizer:
             Window.partitionBy("user_id").orderBy("_sfirst", "skey")) - 1).cast("int"))
         seq = window.groupBy("user_id").agg(F.array_sort(F.collect_list(F.struct(
             "order_us", "tie", "item_idx", "ts_s", "etype", "session_idx", "weight"))).alias("_e"))
-        prev_stats = previous.select(
-            "user_id", F.col("n_events").alias("_n"), F.col("first_ts").alias("_first"),
-            F.col("last_ts").alias("_last"))
-        rows = (seq.join(starts, "user_id").join(prev_stats, "user_id", "left").select(
+        n_events = (F.col("n_before") + F.col("n_fresh")).cast("long")
+        return stats.join(seq, "user_id", "left").select(
             "user_id",
             F.col("_e.item_idx").alias("item_idx"), F.col("_e.ts_s").alias("ts"),
             F.col("_e.etype").alias("event_type"), F.col("_e.session_idx").alias("session_idx"),
-            F.col("_e.weight").alias("weight"),
-            (F.coalesce(F.col("_n"), F.lit(0)) + F.col("n_new")).alias("n_events"),
-            F.least(F.col("_first"), F.col("t0")).alias("first_ts"),
-            F.greatest(F.col("_last"), F.col("t_max")).alias("last_ts"),
-            "user_bucket"))
-        self.storage.merge(spec, rows, txn=txn)
+            F.col("_e.weight").alias("weight"), n_events.alias("n_events"),
+            F.least("first_before", "first_fresh").alias("first_ts"),
+            F.greatest("last_before", "last_fresh").alias("last_ts"),
+            "user_bucket", (n_events == 0).alias("_delete"))
+
+
+def _stored_before(old: DataFrame) -> DataFrame:
+    """Entries of the stored sequences before each user's recompute point; their session keys stay distinct from
+    the fresh ones."""
+    return (old.select("user_id", "from_ts", F.posexplode(F.arrays_zip(
+        "item_idx", "ts", "event_type", "session_idx", "weight")).alias("pos", "e"))
+        .where(F.col("e.ts") < F.unix_seconds("from_ts"))
+        .select("user_id", (F.col("e.ts") * 1_000_000).alias("order_us"),
+                F.format_string("%08d", "pos").alias("tie"), F.col("e.item_idx").alias("item_idx"),
+                F.col("e.ts").alias("ts_s"), F.col("e.event_type").alias("etype"),
+                F.col("e.weight").alias("weight"),
+                F.concat(F.lit("o"), F.col("e.session_idx").cast("string")).alias("skey")))
 
 
 def sessionize_events(events: DataFrame, gap_us: int, max_us: int) -> DataFrame:

@@ -53,11 +53,16 @@ EVENTS_SCHEMA = T.StructType([
 ])
 
 QUARANTINE_SCHEMA = T.StructType([
-    _s("raw", T.StringType()),
+    _s("raw", T.StringType()),                    # the record, cut at sessionize.max_record_chars
     _s("reason", T.StringType(), False),
     _s("message", T.StringType()),
     _s("source_file", T.StringType()),
     _s("run_date", T.DateType(), False),
+    # Added with issue 9 (tables created before get them as null columns): the whole record's length in chars
+    # and the SHA-256 of its bytes as read, and the user it names (for forget-user).
+    _s("raw_chars", T.LongType()),
+    _s("raw_sha256", T.StringType()),
+    _s("user_id", T.StringType()),
 ])
 
 SESSIONS_SCHEMA = T.StructType([
@@ -80,7 +85,7 @@ USER_SEQUENCES_SCHEMA = T.StructType([
     _s("event_type", T.ArrayType(T.IntegerType(), False)),  # position in sessionize.event_types
     _s("session_idx", T.ArrayType(T.IntegerType(), False)),  # 0 = oldest session inside the window
     _s("weight", T.ArrayType(T.FloatType(), False)),
-    _s("n_events", T.LongType(), False),                 # all events ever, not only the window
+    _s("n_events", T.LongType(), False),   # the user's events in `events` (summed from sessions), not only the window
     _s("first_ts", T.TimestampType(), False),
     _s("last_ts", T.TimestampType(), False),
     _s("user_bucket", T.IntegerType(), False),
@@ -143,6 +148,11 @@ def table_specs(cfg: Config) -> dict[str, TableSpec]:
     return {
         "events": TableSpec(t.events, EVENTS_SCHEMA, ("event_date",), ("event_id",),
                             sort_by=("user_id", "ts"), properties=dict(COMMON_PROPERTIES)),
+        # Valid copies of an event id that lost to the copy of an earlier run date: kept so that the next
+        # earliest copy takes over when a corrected input withdraws the kept one.
+        "event_redeliveries": TableSpec(t.event_redeliveries, EVENTS_SCHEMA, ("ingest_date",),
+                                        ("event_id", "ingest_date"), sort_by=("event_id",),
+                                        properties=dict(COMMON_PROPERTIES)),
         "quarantine": TableSpec(t.quarantine, QUARANTINE_SCHEMA, ("run_date",), shuffle_by_partition=True,
                                 properties=dict(COMMON_PROPERTIES)),
         "sessions": TableSpec(t.sessions, SESSIONS_SCHEMA, ("user_bucket",), ("user_id", "session_id"),

@@ -1,0 +1,179 @@
+"""Re-runs, backfills, corrected inputs, crashes and concurrent runs of sessionize on hand-written logs.
+
+Each test reproduces a bug of issue 9 that the code before it had (the number is the issue's)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from ebbtide import faults
+from ebbtide.sessionize import InputError, Sessionizer
+from ebbtide.storage import TableConflictError, open_storage
+from ebbtide.tables import table_specs
+from helpers import check_invariants, ev, state, write_day
+
+D = [dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(6)]
+
+
+@pytest.fixture
+def env(spark, make_config, tmp_path):
+    faults.reset()
+    cfg = make_config(sessionize__input=str(tmp_path / "raw"), storage__user_buckets=2)
+    storage = open_storage(spark, cfg.storage)
+    yield tmp_path / "raw", cfg, storage, Sessionizer(spark, cfg, storage)
+    faults.reset()
+
+
+def fresh(spark, make_config, tmp_path, name):
+    cfg = make_config(sessionize__input=str(tmp_path / "raw"), storage__user_buckets=2,
+                      storage__root=str(tmp_path / name))
+    storage = open_storage(spark, cfg.storage)
+    return cfg, storage, Sessionizer(spark, cfg, storage)
+
+
+def sequence(storage, cfg, user):
+    row = storage.read(table_specs(cfg)["user_sequences"]).where(f"user_id = '{user}'").collect()
+    return row[0] if row else None
+
+
+def n_sessions(storage, cfg, user):
+    return storage.read(table_specs(cfg)["sessions"]).where(f"user_id = '{user}'").count()
+
+
+def test_rerunning_an_old_date_keeps_newer_data(env):
+    """Bug 1: D1..D4 then D1 again lost D4 (the recompute window stopped at run date + 2)."""
+    raw, cfg, storage, job = env
+    for i, day in enumerate(D[:4]):
+        write_day(raw, day, [ev("u1", f"i{i}", f"{day}T12:00:00Z")])
+    for day in D[:4]:
+        job.run(day)
+    job.run(D[0])
+    seq = sequence(storage, cfg, "u1")
+    assert n_sessions(storage, cfg, "u1") == 4
+    assert len(seq.item_idx) == 4 and seq.n_events == 4 and seq.session_idx == [0, 1, 2, 3]
+    check_invariants(storage, cfg)
+
+
+def test_a_crash_before_the_sequences_commit_is_completed_by_a_rerun(env, monkeypatch):
+    """Bug 2: a crash after the events MERGE left n_events=1 for 3 events after the re-run."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z")])
+    write_day(raw, D[1], [ev("u1", "b", f"{D[1]}T10:00:00Z"), ev("u1", "c", f"{D[1]}T11:00:00Z")])
+    job.run(D[0])
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+    with monkeypatch.context() as m:
+        m.setattr(Sessionizer, "_update_sequences", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            job.run(D[1])
+    job.run(D[1])
+    seq = sequence(storage, cfg, "u1")
+    assert len(seq.item_idx) == 3 and seq.n_events == 3
+    check_invariants(storage, cfg)
+
+
+@pytest.mark.parametrize("point", ["write:quarantine", "commit:item_vocab", "write:sessions", "commit:sessions",
+                                   "commit:user_sequences", "commit:event_redeliveries", "commit:events"])
+def test_a_run_killed_at_any_commit_boundary_converges(env, spark, make_config, tmp_path, monkeypatch, point):
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z", event_id="e1"),
+                          ev("u2", "b", f"{D[0]}T10:00:00Z", event_id="e2")])
+    write_day(raw, D[1], [ev("u1", "c", f"{D[1]}T10:00:00Z", event_id="e3"),
+                          ev("u2", "b", f"{D[0]}T10:05:00Z", event_id="e2"),    # a redelivery, corrected ts
+                          ev("u3", "d", f"{D[0]}T23:50:00Z", event_id="e4")])
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    for day in (D[1], D[0]):
+        ref_job.run(day)
+    job.run(D[1])
+    monkeypatch.setenv(faults.ENV, f"{point}=raise")   # D1 supersedes D2's copy of e2: every table changes
+    with pytest.raises(faults.InjectedFault):
+        job.run(D[0])
+    monkeypatch.delenv(faults.ENV)
+    job.run(D[0])
+    assert state(storage, cfg) == state(ref, ref_cfg)
+    check_invariants(storage, cfg)
+
+
+def test_an_event_id_redelivered_with_a_corrected_timestamp_is_kept_once(env, spark, make_config, tmp_path):
+    """Bug 4: the copy in another event_date partition was not found; both copies were kept."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T23:59:00Z", event_id="e1")])
+    write_day(raw, D[1], [ev("u1", "a", f"{D[1]}T00:01:00Z", event_id="e1"), ev("u1", "b", f"{D[1]}T09:00:00Z")])
+    job.run(D[0])
+    report = job.run(D[1])
+    events = storage.read(table_specs(cfg)["events"]).collect()
+    assert sorted((r.event_id == "e1", r.event_date) for r in events) == [(False, D[1]), (True, D[0])]
+    assert report.duplicates_of_earlier == 1 and report.kept == 1
+    other_cfg, other, other_job = fresh(spark, make_config, tmp_path, "reversed")
+    other_job.run(D[1])
+    assert other_job.run(D[0]).superseded_later == 1       # the earlier ingest date takes over
+    assert state(other, other_cfg) == state(storage, cfg)
+    assert sequence(storage, cfg, "u1").n_events == 2
+
+
+def test_rerun_with_corrected_input_replaces_that_dates_events(env):
+    """Bug 7: a corrected input could never be re-run (read 1 != kept 2); old events were never removed."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z", event_id="e1"),
+                          ev("u1", "b", f"{D[0]}T10:10:00Z", event_id="e2")])
+    write_day(raw, D[1], [ev("u2", "z", f"{D[1]}T10:00:00Z", event_id="e9"),
+                          ev("u1", "b", f"{D[0]}T10:10:00Z", event_id="e2")])   # also redelivered on D2
+    job.run(D[0])
+    job.run(D[1])
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T11:00:00Z", event_id="e1")])   # corrected: e2 withdrawn, e1 moved
+    report = job.run(D[0])
+    assert (report.read, report.kept, report.withdrawn) == (1, 1, 1)
+    kept = {r.event_id: (r.ts.hour, r.ingest_date) for r in storage.read(table_specs(cfg)["events"]).collect()}
+    assert kept == {"e1": (11, D[0]), "e2": (10, D[1]), "e9": (10, D[1])}        # D2's copy of e2 took over
+    seq = sequence(storage, cfg, "u1")
+    assert seq.n_events == 2 and seq.ts == sorted(seq.ts)
+    check_invariants(storage, cfg)
+
+
+def test_a_corrected_input_that_shrinks_a_full_window_refills_it_from_history(spark, make_config, tmp_path):
+    """A sequence keeps the last max_len events; when recent events are withdrawn, older ones must come back."""
+    raw = tmp_path / "raw"
+    cfg = make_config(sessionize__input=str(raw), sessionize__max_len=3, train__max_len=3, storage__user_buckets=2)
+    storage = open_storage(spark, cfg.storage)
+    job = Sessionizer(spark, cfg, storage)
+    for i, day in enumerate(D[:5]):
+        write_day(raw, day, [ev("u1", f"i{i}", f"{day}T12:00:00Z", event_id=f"e{i}")])
+    for day in D[:5]:
+        job.run(day)
+    assert sequence(storage, cfg, "u1").n_events == 5
+    write_day(raw, D[4], [ev("u2", "x", f"{D[4]}T12:00:00Z")])        # D5's only event of u1 withdrawn
+    job.run(D[4])
+    write_day(raw, D[3], [ev("u2", "y", f"{D[3]}T12:00:00Z")])        # and D4's
+    job.run(D[3])
+    seq = sequence(storage, cfg, "u1")
+    vocab = {r.item_idx: r.item_id for r in storage.read(table_specs(cfg)["item_vocab"]).collect()}
+    assert [vocab[i] for i in seq.item_idx] == ["i0", "i1", "i2"] and seq.n_events == 3
+    check_invariants(storage, cfg)
+
+
+def test_empty_day_folder_is_refused_and_keeps_that_days_data(env, tmp_path):
+    """Bug 10: an empty JSON day folder succeeded and wiped that date's quarantine."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z"), "{broken"])
+    job.run(D[0])
+    before = state(storage, cfg)
+    (raw / f"date={D[0]}" / "part-0.jsonl").write_text("")
+    with pytest.raises(InputError, match="no records in .*refusing to replace"):
+        job.run(D[0])
+    assert state(storage, cfg) == before
+
+
+def test_two_runs_at_once_one_commits_each_table_the_other_fails_naming_it(env, spark, make_config, tmp_path):
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z", event_id="e1")])
+    write_day(raw, D[1], [ev("u1", "b", f"{D[1]}T10:00:00Z", event_id="e2")])
+    rival = Sessionizer(spark, cfg, open_storage(spark, cfg.storage))   # another process on the same tables
+    faults.on("write:quarantine", lambda: rival.run(D[1]))             # it runs while this one is mid-write
+    with pytest.raises(TableConflictError, match="table quarantine: concurrent writer conflict"):
+        job.run(D[0])
+    assert [r.event_id for r in storage.read(table_specs(cfg)["events"]).collect()] == ["e2"]
+    job.run(D[0])                                                      # the failed run, re-run, completes
+    assert sequence(storage, cfg, "u1").n_events == 2
+    check_invariants(storage, cfg)
