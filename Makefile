@@ -15,17 +15,17 @@ java-check:
 # Install order matters, and pip cannot do it in one resolve:
 #  1. torch==2.13.0 first, alone: pip takes the CPU wheel from the local find-links instead of the
 #     multi-GB CUDA build, and later steps see it as satisfied.
-#  2. the package with its `local` (embedded engine: pyspark 4.0, delta-spark, pyarrow 14, numpy<2) and dev
-#     extras under constraints.txt.
+#  2. the package with its `local` (embedded engine: pyspark 4.0, delta-spark, pyarrow 14, numpy<2), dev and
+#     ann (faiss-cpu, for nightly.topk: ann) extras under constraints.txt.
 #  3. petastorm --no-deps: it pins setuptools<70 while torch 2.13 needs >=77; petastorm never imports
 #     setuptools, and its real runtime needs are listed in pyproject.toml, so skipping its resolve is safe.
 $(STAMP): pyproject.toml constraints.txt | java-check
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[local,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[local,dev,ann]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps petastorm==0.13.1
-	$(BIN)/python -c "import ebbtide, pyspark, deltalake, petastorm, torch; print('ebbtide env ok: torch', torch.__version__, 'pyspark', pyspark.__version__)"
+	$(BIN)/python -c "import ebbtide, pyspark, deltalake, petastorm, torch, faiss; print('ebbtide env ok: torch', torch.__version__, 'pyspark', pyspark.__version__)"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_sessionize.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_nightly.py
+	$(BIN)/python bench/bench_topk.py
 
 # Model quality on real data (MovieLens 100k through the whole pipeline) and planted half-life recovery.
 bench-quality: $(STAMP)
@@ -71,7 +72,7 @@ package-env: package
 	rm -rf build/env && $(PY) -m venv build/env
 	build/env/bin/pip install -q --upgrade pip
 	build/env/bin/pip install -q torch==2.13.0
-	build/env/bin/pip install -q -c constraints.txt $(DIST)/ebbtide-$(VERSION)-py3-none-any.whl
+	build/env/bin/pip install -q -c constraints.txt '$(DIST)/ebbtide-$(VERSION)-py3-none-any.whl[ann]'
 	build/env/bin/pip install -q -c constraints.txt --no-deps petastorm==0.13.1
 	$(BIN)/pip install -q venv-pack
 	$(BIN)/venv-pack -p build/env -o $(DIST)/ebbtide-env.tar.gz --force

@@ -21,7 +21,10 @@ from ebbtide.models import InterestModel, build_model
 
 
 def _digest(folder: Path) -> str:
-    digest = hashlib.sha256((folder / "weights.pt").read_bytes())
+    digest = hashlib.sha256()
+    with open(folder / "weights.pt", "rb") as fh:     # in pieces: weights can be GBs (a 10M-item table)
+        while piece := fh.read(1 << 24):
+            digest.update(piece)
     digest.update((folder / "config.json").read_bytes())
     return digest.hexdigest()
 
@@ -47,15 +50,25 @@ def build_from_config(model_conf: dict) -> InterestModel:
                        model_conf["max_len"], **model_conf.get("options", {}))
 
 
-def load_artifact(path: str | Path) -> tuple[InterestModel, dict, dict]:
-    """Rebuild a model from its artifact; weights load with weights_only=True (no pickled code)."""
+def load_artifact(path: str | Path, mmap: bool = False) -> tuple[InterestModel, dict, dict]:
+    """Rebuild a model from its artifact; weights load with weights_only=True (no pickled code).
+
+    mmap=True maps weights.pt instead of reading it, and the model's parameters *are* the mapped tensors
+    (assign=True): every process on a host that maps the same file shares one copy of the item table through
+    the page cache (read-only use: inference). A file system that cannot map falls back to reading."""
     path = Path(path)
     model_conf = json.loads((path / "config.json").read_text())
     meta = json.loads((path / "meta.json").read_text())
     if _digest(path) != meta["content_hash"]:
         raise ValueError(f"artifact {path} does not match its content hash: refusing to load")
     model = build_from_config(model_conf)
-    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
+    try:
+        weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True, mmap=mmap)
+    except (OSError, RuntimeError):
+        if not mmap:
+            raise
+        weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(weights, assign=mmap)
     model.eval()
     return model, model_conf, meta
 

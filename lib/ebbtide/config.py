@@ -301,7 +301,17 @@ class NightlyConf(_Strict):
     top_k: int = Field(20, ge=1)
     retention_days: int = Field(30, ge=1)   # users with an event in this horizon get an embedding
     batch_size: int = Field(1024, ge=1)
-    item_block: int = Field(65_536, ge=1)   # items per block of the top-K matrix product
+    # Top-K (README "Nightly", "Sizing"): exact = every item, in blocks; ann = a faiss IVF index proposes
+    # candidates that are re-scored exactly (needs the `ann` extra: faiss-cpu, or faiss-gpu on GPU clusters).
+    topk: Literal["exact", "ann"] = "exact"
+    # auto: CUDA when torch sees a GPU (half-precision product, on-device top-K), else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # MiB one Python worker's top-K of a batch may hold besides the model: score block, chunk maxima, candidates,
+    # running lists, on a GPU also the half-precision catalog when it fits in half of it. Sets the item block.
+    topk_memory_mb: int = Field(256, ge=1)
+    ann_lists: int = Field(0, ge=0)      # IVF lists; 0 = about 2*sqrt(items)
+    ann_nprobe: int = Field(64, ge=1)    # lists searched per user (recall vs speed: bench/bench_topk.py)
+    ann_rerank: int = Field(5, ge=1)     # candidates re-scored exactly per user, in multiples of top_k
     exclude_consumed: bool = True
     incremental: bool = True
 

@@ -271,3 +271,30 @@ def _write_day_part(conf: GenerateConf, day: dt.date, chunk: int, rows: pd.DataF
                         ("event_type", pa.string()), ("ts", pa.timestamp("us", tz="UTC"))])
     pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), path + ".parquet",
                    row_group_size=1_000_000)
+
+
+def clustered_embeddings(n_users: int, n_items: int, dim: int = 64, clusters: int = 1000, seed: int = 0,
+                         chunk: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) float32 vectors shaped like a trained two-tower / factorisation model's, for top-K
+    benchmarks and tests (isotropic Gaussian noise makes every item about equally far from every user, which no
+    trained model does): items sit around `clusters` unit-norm category centres (noise of norm ~0.8, i.e. cosine
+    ~0.78 to their centre), category sizes follow a Zipf law, and norms are log-normal (popular items get longer
+    vectors in dot-product models); a user mixes 1-3 categories with Dirichlet weights plus noise of norm ~0.5."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    sizes = 1.0 / np.arange(1, clusters + 1) ** 0.8
+    items = np.empty((n_items, dim), np.float32)
+    for start in range(0, n_items, chunk):     # bounded temporaries at 10M items
+        m = min(chunk, n_items - start)
+        cat = rng.choice(clusters, m, p=sizes / sizes.sum())
+        noise = rng.standard_normal((m, dim), dtype=np.float32) * np.float32(0.8 / math.sqrt(dim))
+        norm = rng.lognormal(0.0, 0.25, (m, 1)).astype(np.float32)
+        items[start:start + m] = (centres[cat] + noise) * norm
+    n_mix = rng.integers(1, 4, n_users)
+    weights = np.zeros((n_users, clusters), np.float32)
+    for r, m in enumerate(n_mix):
+        weights[r, rng.choice(clusters, m, replace=False, p=sizes / sizes.sum())] = rng.dirichlet(np.ones(m))
+    users = weights @ centres + rng.standard_normal((n_users, dim), dtype=np.float32) * np.float32(
+        0.5 / math.sqrt(dim))
+    return users.astype(np.float32), items

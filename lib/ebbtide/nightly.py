@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -56,6 +57,15 @@ from ebbtide.runs import (
 from ebbtide.split import day_start_seconds as seconds
 from ebbtide.storage import AppTxn, DeltaStorage, unit_of_work
 from ebbtide.tables import table_specs
+from ebbtide.topk import (
+    AnnTopK,
+    ExactTopK,
+    ann_lists,
+    build_ann_index,
+    import_faiss,
+    resolve_device,
+    write_ann_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +141,6 @@ class ServePlan:
 
     t_query: float
     k: int
-    block: int
     batch_size: int
     exclude_consumed: bool
     min_events: int
@@ -141,48 +150,49 @@ class ServePlan:
     new_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))       # items newer than the model
     new_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     unseen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))        # model items unknown at as_of
+    # top-K (nightly.topk, .device, .topk_memory_mb, .ann_*); ann_index: the faiss index file the driver wrote
+    topk: str = "exact"
+    device: str = "auto"
+    topk_memory_bytes: int = 256 << 20
+    ann_index: str | None = None
+    ann_nprobe: int = 64
+    ann_rerank: int = 5
 
-_MODEL_CACHE: dict[str, tuple] = {}
+
+_WORKER_CACHE: dict[str, tuple] = {}
 
 
-def _model_from_artifact(path: str, content_hash: str):
-    """Once per Python worker: load the artifact from its (shared) path; the content hash pins the version."""
-    if content_hash not in _MODEL_CACHE:
-        model, conf, meta = load_artifact(path)
+def _worker_state(path: str, content_hash: str, plan: ServePlan):
+    """Once per Python worker: the model from its (shared) artifact path, memory-mapped so the workers of a host
+    share one copy of the item table (the content hash pins the version), and the top-K scorer over its items."""
+    key = f"{content_hash}:{plan.topk}:{plan.ann_index}"
+    if key not in _WORKER_CACHE:
+        model, conf, meta = load_artifact(path, mmap=True)
         if meta["content_hash"] != content_hash:
             raise NightlyCheckError(f"artifact {path} changed while the job ran (content hash differs)")
         torch.set_num_threads(1)  # one thread per Spark task: the executor's cores are the parallelism
-        with torch.no_grad():
-            items = model.item_embeddings().detach().float().clone()
-        _MODEL_CACHE.clear()
-        _MODEL_CACHE[content_hash] = (model, items, conf)
-    return _MODEL_CACHE[content_hash]
+        _WORKER_CACHE.clear()
+        _WORKER_CACHE[key] = (model, conf, _scorer(model.item_embeddings().detach(), plan))
+    return _WORKER_CACHE[key]
 
 
-def top_k(users: torch.Tensor, items: torch.Tensor, k: int, exclude: list[np.ndarray], block: int):
-    """Top-k items per user by dot product, item blocks at a time, excluded items never returned."""
-    best_scores = torch.full((len(users), 0), -torch.inf)
-    best_items = torch.zeros((len(users), 0), dtype=torch.long)
-    for start in range(0, len(items), block):
-        scores = users @ items[start:start + block].T
-        for row, consumed in enumerate(exclude):
-            inside = consumed[(consumed >= start) & (consumed < start + block)] - start
-            if len(inside):
-                scores[row, torch.from_numpy(inside)] = -torch.inf
-        cand_scores = torch.cat([best_scores, scores], dim=1)
-        cand_items = torch.cat([best_items, torch.arange(start, start + scores.shape[1]).expand(len(users), -1)], 1)
-        take = torch.topk(cand_scores, min(k, cand_scores.shape[1]), dim=1)
-        best_scores, best_items = take.values, torch.gather(cand_items, 1, take.indices)
-    return best_items, best_scores
+def _scorer(items: torch.Tensor, plan: ServePlan):
+    """The top-K of the plan over `items` (a view of the model's table, not a copy)."""
+    exact = ExactTopK(items, plan.k, plan.topk_memory_bytes, resolve_device(plan.device))
+    if plan.topk == "exact":
+        return exact
+    faiss = import_faiss()
+    faiss.omp_set_num_threads(1)
+    return AnnTopK(faiss.read_index(plan.ann_index), items, plan.k, plan.ann_nprobe, plan.ann_rerank, exact)
 
 
 def _infer(model_ref: dict, plan: ServePlan):
     """The mapInPandas function; the model is read from its artifact path once per Python worker."""
     def run(frames):
-        model, item_table, conf = _model_from_artifact(**model_ref)
+        model, conf, scorer = _worker_state(**model_ref, plan=plan)
         for frame in frames:
             for start in range(0, len(frame), plan.batch_size):
-                yield _infer_batch(frame.iloc[start:start + plan.batch_size], model, item_table, conf, plan)
+                yield _infer_batch(frame.iloc[start:start + plan.batch_size], model, scorer, conf, plan)
     return run
 
 
@@ -217,7 +227,7 @@ def _user_embeddings(model, frame: pd.DataFrame, histories: list, plan: ServePla
     return model.combine(states32, masses32), states32.reshape(n, -1).numpy(), masses32.numpy()
 
 
-def _infer_batch(frame: pd.DataFrame, model, item_table, conf: dict, plan: ServePlan) -> pd.DataFrame:
+def _infer_batch(frame: pd.DataFrame, model, scorer, conf: dict, plan: ServePlan) -> pd.DataFrame:
     n, n_items, k = len(frame), conf["n_items"], plan.k
     histories, consumed = [], []
     for it, ts, ty, se in zip(frame["item_idx"], frame["ts"], frame["event_type"], frame["session_idx"]):
@@ -229,7 +239,7 @@ def _infer_batch(frame: pd.DataFrame, model, item_table, conf: dict, plan: Serve
     with torch.no_grad():
         users, state_out, mass_out = _user_embeddings(model, frame, histories, plan, conf["max_len"])
         excluded = [np.union1d(c[c < n_items], plan.unseen) for c in consumed]
-        model_items, model_scores = top_k(users, item_table, k, excluded, plan.block)
+        model_items, model_scores = scorer(users, excluded)
     finite = torch.isfinite(users).all(dim=1).numpy()
     cold = frame["n_before"].values < plan.min_events
     rec_items, rec_scores, rec_sources, expected = [], [], [], []
@@ -255,6 +265,17 @@ def _infer_batch(frame: pd.DataFrame, model, item_table, conf: dict, plan: Serve
         "decay_state": list(state_out), "decay_mass": list(mass_out),
         "rec_items": [a.astype(np.int32) for a in rec_items], "rec_scores": [a.astype(np.float32) for a in rec_scores],
         "rec_sources": rec_sources, "expected_recs": np.array(expected, np.int32), "finite": finite})
+
+
+def item_embeddings_arrow(vectors: np.ndarray) -> pa.Table:
+    """(item_idx int32, embedding list<float32>) over the (n, d) float32 buffer without copying it: the list
+    values are the buffer itself, the offsets a multiple of d (64-bit offsets past 2^31 floats)."""
+    n, d = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1))
+    large = n * d >= 2**31
+    offsets = pa.array(np.arange(0, n * d + 1, d, dtype=np.int64 if large else np.int32))
+    lists = (pa.LargeListArray if large else pa.ListArray).from_arrays(offsets, flat)
+    return pa.table({"item_idx": pa.array(np.arange(n, dtype=np.int32)), "embedding": lists})
 
 
 def _not_in(idx: np.ndarray, score: np.ndarray, consumed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -286,6 +307,8 @@ class Nightly:
         t_query = seconds(as_of + dt.timedelta(days=1))
         vocab = storage.read(specs["item_vocab"])          # append-only: the latest maps every index to its id
         plan = self._plan(as_of, t_query, conf["n_items"], inputs, vocab)
+        if plan.topk == "ann":
+            plan.ann_index = str(self._ann_index(path, model, conf["n_items"] - len(plan.unseen)))
         use_state = n.incremental and not full and hasattr(model, "final_state")
         users = self._active_users(as_of, t_query, version, inputs.sequences, use_state)
         model_ref = {"path": str(path.resolve()), "content_hash": meta["content_hash"]}
@@ -301,6 +324,20 @@ class Nightly:
         report.seconds = time.time() - started
         log.info("%s", report.line())
         return report
+
+    def _ann_index(self, path: Path, model, n_indexed: int) -> Path:
+        """The faiss index of the items known at the date, built once on the driver (all its cores) and kept
+        beside the model's artifact, where the workers read it like the weights: one build per model version and
+        catalog size, however many workers and nights."""
+        lists = ann_lists(n_indexed, self.cfg.nightly.ann_lists)
+        out = path.parent / ".ann" / f"{path.name}-{n_indexed}-ivf{lists}.faiss"
+        if not out.exists():
+            started = time.time()
+            with torch.no_grad():
+                items = model.item_embeddings()[:n_indexed].detach().numpy()
+            write_ann_index(build_ann_index(items, lists), out)
+            log.info("ann index of %d items, %d lists: %s (%.1fs)", n_indexed, lists, out, time.time() - started)
+        return out
 
     def _inputs(self, as_of: dt.date) -> AsOfInputs:
         """The guard on the sessionized data, then the versions a timely run of as_of read."""
@@ -355,8 +392,10 @@ class Nightly:
             .collect() if n.new_item_slots else []
         as_arrays = lambda rows: (np.array([r.item_idx for r in rows], np.int64),  # noqa: E731
                                   np.array([r.score for r in rows], np.float32))
-        plan = ServePlan(t_query, n.top_k, n.item_block, n.batch_size, n.exclude_consumed, n.min_events_for_model,
-                         n.new_item_slots, unseen=np.arange(vocab_size, n_items, dtype=np.int64))
+        plan = ServePlan(t_query, n.top_k, n.batch_size, n.exclude_consumed, n.min_events_for_model,
+                         n.new_item_slots, unseen=np.arange(vocab_size, n_items, dtype=np.int64), topk=n.topk,
+                         device=n.device, topk_memory_bytes=n.topk_memory_mb << 20, ann_nprobe=n.ann_nprobe,
+                         ann_rerank=n.ann_rerank)
         plan.popular_idx, plan.popular_score = as_arrays(top)
         plan.new_idx, plan.new_score = as_arrays(new)
         return plan
@@ -436,9 +475,10 @@ class Nightly:
                txn: AppTxn) -> None:
         """Commit order item_embeddings -> user_interest -> user_recommendations (see the module docstring)."""
         specs, storage = self.specs, self.storage
-        item_rows = [(int(i), e.tolist()) for i, e in enumerate(model.item_embeddings().detach().float().numpy())]
-        items = self.spark.createDataFrame(item_rows, "item_idx int, embedding array<float>").join(
-            vocab.select("item_id", "item_idx"), "item_idx").withColumn("model_version", F.lit(version))
+        with torch.no_grad():
+            table = item_embeddings_arrow(model.item_embeddings().detach().float().numpy())
+        items = self.spark.createDataFrame(table).join(vocab.select("item_id", "item_idx"), "item_idx") \
+            .withColumn("model_version", F.lit(version))
         storage.replace_where(specs["item_embeddings"], items, {"model_version": [version]}, txn=txn)
         state_ts = dt.datetime.fromtimestamp(t_query, dt.timezone.utc)
         interest = (results.where(F.col("prev_as_of").isNull() | (F.col("prev_as_of") <= F.lit(as_of)))
