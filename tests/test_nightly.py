@@ -63,6 +63,13 @@ def _rows(storage, cfg, name):
     return sorted(tuple(r) for r in storage.read(table_specs(cfg)[name]).collect())
 
 
+def _output_versions(storage, cfg) -> dict[str, int | None]:
+    """Each nightly output table's version, None while it does not exist yet (a refused run must not create it)."""
+    specs = table_specs(cfg)
+    return {n: storage.version(specs[n]) if storage.exists(specs[n]) else None
+            for n in ("user_interest", "user_recommendations", "item_embeddings")}
+
+
 def test_incremental_equals_full_recompute(tables, spark, tmp_path):
     cfg, storage, nightly = tables
     nightly.run(D[2])
@@ -147,10 +154,10 @@ def test_version_mismatch_is_refused_without_writing(tables, tmp_path):
     meta["data_snapshot_version"] = 999
     (bad / "meta.json").write_text(json.dumps(meta))
     cfg.nightly.model_version = str(bad)
-    versions = {n: storage.version(table_specs(cfg)[n]) for n in ("user_interest", "user_recommendations")}
+    versions = _output_versions(storage, cfg)
     with pytest.raises(VersionMismatchError, match="user_sequences v999"):
         nightly.run(D[2])
-    assert {n: storage.version(table_specs(cfg)[n]) for n in versions} == versions
+    assert _output_versions(storage, cfg) == versions
 
 
 def test_non_finite_embeddings_fail_without_writing(tables, tmp_path):
@@ -162,10 +169,10 @@ def test_non_finite_embeddings_fail_without_writing(tables, tmp_path):
         model.head.bias[0] = float("nan")
     meta = {k: v for k, v in meta.items() if k != "content_hash"}
     cfg.nightly.model_version = str(write_artifact(tmp_path / "nan", model, conf, meta))
-    versions = {n: storage.version(table_specs(cfg)[n]) for n in ("user_interest", "user_recommendations")}
+    versions = _output_versions(storage, cfg)
     with pytest.raises(NightlyCheckError, match="non-finite"):
         nightly.run(D[2])
-    assert {n: storage.version(table_specs(cfg)[n]) for n in versions} == versions
+    assert _output_versions(storage, cfg) == versions
 
 
 def test_item_embeddings_round_trip_exactly(tables):

@@ -8,7 +8,8 @@ computes from exactly the events known at the end of DATE, not from a later (pos
 Guards, in order, before anything is created or written: the model resolves (explicit version, the promoted
 pointer, or the newest in the demo) and loads with its content hash; the sessionized data of DATE exists and is
 fresh (no gap the day before, no later dates loaded first), unless `require_fresh` is off; model, vocabulary and
-snapshot versions belong together. After inference: finite embeddings and the expected recommendation counts.
+snapshot versions belong together. After inference: finite embeddings and the expected recommendation counts; only
+then are missing output tables created.
 
 Serving: users with at least `min_events_for_model` events get the model's top-K (consumed items and items not yet
 seen as of DATE excluded), whose last `new_item_slots` go to the most popular items newer than the model;
@@ -300,8 +301,9 @@ class Nightly:
         model, conf, meta = load_artifact(path)          # before any table is created
         inputs = self._inputs(as_of)
         self._check_versions(conf, meta, path)
-        for name in OUTPUTS:
-            storage.ensure(specs[name])
+        for name in OUTPUTS:   # check existing outputs before any work; a missing one is created only to write
+            if storage.exists(specs[name]):
+                storage.ensure(specs[name])
         version = path.name
         report = NightlyReport(as_of, version, inputs.sequences, exact_as_of=inputs.exact)
         t_query = seconds(as_of + dt.timedelta(days=1))
@@ -313,7 +315,7 @@ class Nightly:
         users = self._active_users(as_of, t_query, version, inputs.sequences, use_state)
         model_ref = {"path": str(path.resolve()), "content_hash": meta["content_hash"]}
         results = users.mapInPandas(_infer(model_ref, plan), OUTPUT_SCHEMA)
-        prev_as_of = storage.read(specs["user_interest"]).select("user_id", F.col("as_of").alias("prev_as_of"))
+        prev_as_of = self._interest().select("user_id", F.col("as_of").alias("prev_as_of"))
         results = results.join(prev_as_of, "user_id", "left").persist(StorageLevel.MEMORY_AND_DISK)
         try:
             self._check_results(results, report)
@@ -414,7 +416,7 @@ class Nightly:
         if seq_version != storage.version(specs["user_sequences"]):
             # an older version may still hold users deleted since (forget-user, or every event withdrawn)
             seqs = seqs.join(storage.read(specs["user_sequences"]).select("user_id"), "user_id", "left_semi")
-        prev = storage.read(specs["user_interest"]).select(
+        prev = self._interest().select(
             "user_id", F.col("as_of").alias("prev_as_of"), F.col("model_version").alias("prev_model"),
             F.col("n_events").alias("prev_n"), F.unix_seconds("last_event_ts").cast("double").alias("prev_last"),
             F.col("decay_state").alias("prev_state"), F.col("decay_mass").alias("prev_mass"),
@@ -425,6 +427,13 @@ class Nightly:
             "mode", F.when(F.lit(use_state) & F.coalesce(unchanged, F.lit(False)), "rescale").otherwise("encode"))
         return joined.select("user_id", "user_bucket", "item_idx", "ts", "event_type", "session_idx", "n_before",
                              "last_before", "mode", "prev_state", "prev_mass", "prev_state_ts")
+
+    def _interest(self) -> DataFrame:
+        """The stored interest state; empty before the first night (the table is created by the first write)."""
+        spec = self.specs["user_interest"]
+        if self.storage.exists(spec):
+            return self.storage.read(spec)
+        return self.spark.createDataFrame([], spec.schema)
 
     def _check_versions(self, conf: dict, meta: dict, path: Path) -> None:
         """Against the latest tables (a backfill uses older versions of them, with the current model)."""
@@ -475,6 +484,8 @@ class Nightly:
                txn: AppTxn) -> None:
         """Commit order item_embeddings -> user_interest -> user_recommendations (see the module docstring)."""
         specs, storage = self.specs, self.storage
+        for name in OUTPUTS:
+            storage.ensure(specs[name])
         with torch.no_grad():
             table = item_embeddings_arrow(model.item_embeddings().detach().float().numpy())
         items = self.spark.createDataFrame(table).join(vocab.select("item_id", "item_idx"), "item_idx") \
