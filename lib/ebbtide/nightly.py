@@ -157,13 +157,14 @@ class ServePlan:
     ann_rerank: int = 5
 
 
-_WORKER_CACHE: dict[str, tuple] = {}
+_WORKER_CACHE: dict[tuple, tuple] = {}
 
 
 def _worker_state(path: str, content_hash: str, plan: ServePlan):
     """Once per Python worker: the model from its (shared) artifact path, memory-mapped so the workers of a host
     share one copy of the item table (the content hash pins the version), and the top-K scorer over its items."""
-    key = f"{content_hash}:{plan.topk}:{plan.ann_index}"
+    key = (content_hash, plan.k, plan.topk, plan.device, plan.topk_memory_bytes, plan.ann_index, plan.ann_nprobe,
+           plan.ann_rerank)   # workers outlive a night (backfills): another setting, another scorer
     if key not in _WORKER_CACHE:
         model, conf, meta = load_artifact(path, mmap=True)
         if meta["content_hash"] != content_hash:
