@@ -176,3 +176,17 @@ def test_exact_path_needs_no_faiss():
             "print('faiss' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "False"
+
+
+def test_workers_map_the_model_instead_of_copying_it(tmp_path):
+    """The nightly's workers load with mmap=True: the item table is the mapped weights file (shared by the
+    workers of a host through the page cache), equal to a plain load."""
+    from ebbtide.artifacts import load_artifact, write_artifact
+    from ebbtide.models import build_model
+
+    conf = {"name": "decay_pool", "n_items": 500, "n_types": 4, "dim": 16, "max_len": 20}
+    path = write_artifact(tmp_path, build_model("decay_pool", 500, 4, 16, 20), conf, {})
+    mapped, _, _ = load_artifact(path, mmap=True)
+    assert any(line.rstrip().endswith(str(path / "weights.pt")) for line in open("/proc/self/maps"))
+    plain, _, _ = load_artifact(path)
+    assert torch.equal(mapped.item_embeddings(), plain.item_embeddings())

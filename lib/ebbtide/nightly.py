@@ -160,13 +160,14 @@ class ServePlan:
     ann_rerank: int = 5
 
 
-_WORKER_CACHE: dict[str, tuple] = {}
+_WORKER_CACHE: dict[tuple, tuple] = {}
 
 
 def _worker_state(path: str, content_hash: str, plan: ServePlan):
     """Once per Python worker: the model from its (shared) artifact path, memory-mapped so the workers of a host
     share one copy of the item table (the content hash pins the version), and the top-K scorer over its items."""
-    key = f"{content_hash}:{plan.topk}:{plan.ann_index}"
+    key = (content_hash, plan.k, plan.topk, plan.device, plan.topk_memory_bytes, plan.ann_index, plan.ann_nprobe,
+           plan.ann_rerank)   # workers outlive a night (backfills): another setting, another scorer
     if key not in _WORKER_CACHE:
         model, conf, meta = load_artifact(path, mmap=True)
         if meta["content_hash"] != content_hash:
@@ -332,7 +333,7 @@ class Nightly:
         beside the model's artifact, where the workers read it like the weights: one build per model version and
         catalog size, however many workers and nights."""
         lists = ann_lists(n_indexed, self.cfg.nightly.ann_lists)
-        out = path.parent / ".ann" / f"{path.name}-{n_indexed}-ivf{lists}.faiss"
+        out = path.parent / ".ann" / f"{path.name}-{n_indexed}-ivf{lists}-pq4fs.faiss"   # what build_ann_index builds
         if not out.exists():
             started = time.time()
             with torch.no_grad():
@@ -498,11 +499,16 @@ class Nightly:
                             F.timestamp_seconds("last_before").alias("last_event_ts"), "decay_state", "decay_mass",
                             F.lit(state_ts).alias("updated_at"), "user_bucket"))
         storage.merge(specs["user_interest"], interest, txn=txn)
-        ranked = F.arrays_zip("rec_items", "rec_scores", "rec_sources")
-        recs = (results.select("user_id", F.posexplode(ranked).alias("pos", "r"))
-                .select("user_id", (F.col("pos") + 1).alias("rank"), F.col("r.rec_items").alias("item_idx"),
-                        F.col("r.rec_scores").alias("score"), F.col("r.rec_sources").alias("source"))
-                .join(F.broadcast(vocab.select("item_id", "item_idx")), "item_idx")
-                .select("user_id", "rank", "item_id", "score", "source", F.lit(version).alias("model_version"),
-                        F.lit(as_of).alias("as_of")))
-        storage.replace_where(specs["user_recommendations"], recs, {"as_of": [as_of]}, txn=txn)
+        storage.replace_where(specs["user_recommendations"], recommendation_rows(results, vocab, version, as_of),
+                              {"as_of": [as_of]}, txn=txn)
+
+
+def recommendation_rows(results: DataFrame, vocab: DataFrame, version: str, as_of: dt.date) -> DataFrame:
+    """user_recommendations rows from per-user ranked arrays (rec_items, rec_scores, rec_sources)."""
+    ranked = F.arrays_zip("rec_items", "rec_scores", "rec_sources")
+    return (results.select("user_id", F.posexplode(ranked).alias("pos", "r"))
+            .select("user_id", (F.col("pos") + 1).alias("rank"), F.col("r.rec_items").alias("item_idx"),
+                    F.col("r.rec_scores").alias("score"), F.col("r.rec_sources").alias("source"))
+            .join(F.broadcast(vocab.select("item_id", "item_idx")), "item_idx")
+            .select("user_id", "rank", "item_id", "score", "source", F.lit(version).alias("model_version"),
+                    F.lit(as_of).alias("as_of")))
