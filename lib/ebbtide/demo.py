@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report.line())
     print(f"\n== tables ({storage.engine} engine) under {cfg.storage.root}")
     for t in table_summary(cfg, storage):
+        if not t["exists"]:       # the nightly's outputs appear with its first night
+            continue
         print(f"  {t['table']:<18} version {t['version']:<3} {t['rows']:>10,} rows  {t['files']:>4} files  "
               f"protocol {tuple(t['protocol'])}")
     specs = table_specs(cfg)
