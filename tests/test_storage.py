@@ -284,10 +284,12 @@ def test_failed_write_leaves_no_folder_and_vacuum_removes_those_of_killed_writer
     with pytest.raises(StorageError, match="outside"):
         store.replace_where(SPEC, rows(spark, [("x", 1, D1)]), {"day": [D2]})
     assert len(write_folders(store)) == 1
+    committed = set(write_folders(store))
     faults.on("write:kv", lambda: (_ for _ in ()).throw(faults.InjectedFault("killed")))   # dies like SIGKILL
     with pytest.raises(faults.InjectedFault):
         store.append(SPEC, rows(spark, [("b", 2, D1)]))
-    orphan = sorted(set(write_folders(store)))[-1]
+    # the new folder, not the name-last one: names made in the same second differ only in a random suffix
+    (orphan,) = set(write_folders(store)) - committed
     assert len(write_folders(store)) == 2 and contents(store) == [("a", 1, D1)]
     store.vacuum(SPEC, retention_hours=0, enforce_retention=False)
     assert len(write_folders(store)) == 2             # young: could be a concurrent writer's commit in flight
