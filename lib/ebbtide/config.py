@@ -87,7 +87,7 @@ class GenerateConf(_Strict):
     format: Literal["json", "parquet"] = "json"
     start_date: dt.date = dt.date(2026, 11, 1)
     days: int = Field(7, ge=1, le=3650)
-    users: int = Field(2000, ge=1)
+    users: int = Field(4000, ge=1)   # the same default as conf/local.yaml (the demo's size)
     items: int = Field(1000, ge=2)
     categories: int = Field(20, ge=1)
     zipf_exponent: float = Field(1.1, gt=0)
