@@ -96,6 +96,36 @@ def test_a_run_killed_at_any_commit_boundary_converges(env, spark, make_config, 
     check_invariants(storage, cfg)
 
 
+@pytest.mark.parametrize("point", ["commit:event_redeliveries", "write:events", "commit:events"])
+def test_a_promotion_killed_between_the_two_commits_keeps_the_later_copy(env, spark, make_config, tmp_path,
+                                                                         monkeypatch, point):
+    """A corrected re-run withdraws e2, so D3's parked copy takes over; a kill after the event_redeliveries commit
+    and before the events one used to drop that copy with the withdrawn one (e2 lost until D3 was re-run)."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z", event_id="e1"),
+                          ev("u1", "b", f"{D[0]}T10:10:00Z", event_id="e2")])
+    write_day(raw, D[2], [ev("u1", "b", f"{D[0]}T10:15:00Z", event_id="e2"),   # redelivered, corrected ts
+                          ev("u2", "z", f"{D[2]}T10:00:00Z", event_id="e9")])
+    job.run(D[0])
+    job.run(D[2])
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z", event_id="e1")])   # corrected: e2 withdrawn
+    monkeypatch.setenv(faults.ENV, f"{point}=raise")
+    with pytest.raises(faults.InjectedFault):
+        job.run(D[0])
+    monkeypatch.delenv(faults.ENV)
+    report = job.run(D[0])
+    assert (report.read, report.kept, report.duplicates_of_earlier) == (1, 1, 0)
+    kept = {r.event_id: (r.ts.minute, r.ingest_date) for r in storage.read(table_specs(cfg)["events"]).collect()}
+    assert kept == {"e1": (0, D[0]), "e2": (15, D[2]), "e9": (0, D[2])}
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    for day in (D[2], D[0]):
+        ref_job.run(day)
+    assert state(storage, cfg) == state(ref, ref_cfg)
+    assert check_invariants(storage, cfg)["duplicated"] == 0
+    assert job.run(D[2]).duplicates_of_earlier == 0          # a re-run of D3 finds its copy kept, nothing parked
+    assert state(storage, cfg) == state(ref, ref_cfg)
+
+
 def test_an_event_id_redelivered_with_a_corrected_timestamp_is_kept_once(env, spark, make_config, tmp_path):
     """Bug 4: the copy in another event_date partition was not found; both copies were kept."""
     raw, cfg, storage, job = env

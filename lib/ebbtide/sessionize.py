@@ -272,8 +272,8 @@ class Sessionizer:
         affected = _stage(batch.select("event_id").unionByName(earlier_run).distinct())
         kept = _stage(self.storage.read_matching(events, affected))
         parked = _stage(self.storage.read_matching(redeliveries, affected))
-        # Every copy of the affected ids after this run: other dates' copies (a crash between the two MERGEs may
-        # leave one in both tables), and this run's.
+        # Every copy of the affected ids after this run: other dates' copies (a copy that took over may be in both
+        # tables, see below), and this run's.
         copy_key = ["event_id", "ingest_date"]
         copies = (kept.unionByName(parked.join(kept.select(*copy_key), copy_key, "left_anti"))
                   .where(F.col("ingest_date") != F.lit(run_date)).unionByName(batch))
@@ -283,7 +283,11 @@ class Sessionizer:
         losers = ranked_copies.where(F.col("_rank") > 1).select(*EVENT_COLUMNS)
         events_changes, replaced = _changes(winners, kept, ["event_id"])
         events_changes, replaced = _stage(events_changes), _stage(replaced)
-        redelivery_changes = _stage(_changes(losers, parked, copy_key)[0])
+        # A parked copy that takes over stays parked until the events commit has landed: a run killed between the
+        # two commits must find it again (the next run that touches the id removes it from event_redeliveries).
+        taking_over = (winners.join(parked.select(*copy_key), copy_key, "left_semi")
+                       .join(kept.select(*copy_key), copy_key, "left_anti"))
+        redelivery_changes = _stage(_changes(losers.unionByName(taking_over), parked, copy_key)[0])
         touched = winners.unionByName(replaced).select("user_id", "ts", "item_id", "event_date")
         dates = sorted(r[0] for r in touched.select("event_date").distinct().collect())
         old_dates = sorted(r[0] for r in replaced.select("event_date").distinct().collect())
@@ -325,9 +329,12 @@ class Sessionizer:
         written = self.storage.read(self.specs["quarantine"], where={"run_date": [run_date]})
         report.quarantine_by_reason = {r["reason"]: r["count"] for r in written.groupBy("reason").count().collect()}
         report.quarantined = sum(report.quarantine_by_reason.values())
-        report.kept = self.storage.read(self.specs["events"]).where(F.col("ingest_date") == F.lit(run_date)).count()
-        report.duplicates_of_earlier = self.storage.read(self.specs["event_redeliveries"],
-                                                         where={"ingest_date": [run_date]}).count()
+        kept = self.storage.read(self.specs["events"]).where(F.col("ingest_date") == F.lit(run_date)).select("event_id")
+        report.kept = kept.count()
+        # A copy left parked after it took over (see _plan) is kept, not a duplicate.
+        report.duplicates_of_earlier = (self.storage.read(self.specs["event_redeliveries"],
+                                                          where={"ingest_date": [run_date]})
+                                        .join(kept, "event_id", "left_anti").count())
 
     # -- items ------------------------------------------------------------------------------------------
     def _update_item_counts(self, plan: _Plan, txn: AppTxn) -> None:
