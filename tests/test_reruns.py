@@ -11,7 +11,7 @@ from ebbtide import faults
 from ebbtide.sessionize import InputError, Sessionizer
 from ebbtide.storage import TableConflictError, open_storage
 from ebbtide.tables import table_specs
-from helpers import check_invariants, ev, state, write_day
+from helpers import check_invariants, ev, state, table_rows, write_day
 
 D = [dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(6)]
 
@@ -123,6 +123,7 @@ def test_a_promotion_killed_between_the_two_commits_keeps_the_later_copy(env, sp
     assert state(storage, cfg) == state(ref, ref_cfg)
     assert check_invariants(storage, cfg)["duplicated"] == 0
     assert job.run(D[2]).duplicates_of_earlier == 0          # a re-run of D3 finds its copy kept, nothing parked
+    assert table_rows(storage, cfg, "event_redeliveries") == []   # and removes the copy left parked
     assert state(storage, cfg) == state(ref, ref_cfg)
 
 

@@ -85,6 +85,26 @@ def test_tables_are_consistent(in_order):
     assert sum(v.n_events for v in vocab) == total
 
 
+def test_each_run_reports_its_spark_jobs_from_the_listener(in_order, spark, monkeypatch):
+    from ebbtide.spark import count_spark_jobs
+    from pyspark.sql import SparkSession
+
+    with count_spark_jobs(spark) as idle:
+        spark.range(10)                       # no action: no job
+    with count_spark_jobs(spark) as one:
+        spark.range(10).collect()
+    assert (idle.jobs, idle.stages, one.jobs, one.stages) == (0, 0, 1, 1)
+    assert all(r.spark_jobs > 0 and r.spark_stages > 0 for r in in_order["reports"])
+    assert f"Spark jobs {in_order['reports'][0].spark_jobs} " in in_order["reports"][0].line()
+
+    def refused(self):                        # as on a shared cluster's allow-list: not countable, block runs
+        raise RuntimeError("sparkContext is not allowed here")
+    monkeypatch.setattr(SparkSession, "sparkContext", property(refused))
+    with count_spark_jobs(spark) as hidden:
+        ran = True
+    assert ran and (hidden.jobs, hidden.stages) == (None, None)
+
+
 def test_rerun_is_idempotent(in_order):
     cfg, storage, job = in_order["cfg"], in_order["storage"], in_order["job"]
     names = (*ORDER_FREE_TABLES, "item_vocab", "user_sequences")

@@ -38,6 +38,7 @@ from ebbtide.rawlogs import (  # noqa: F401  (re-exported: the job's public name
     typed_events,
 )
 from ebbtide.runs import sessionize_app_id
+from ebbtide.spark import count_spark_jobs
 from ebbtide.storage import AppTxn, DeltaStorage
 from ebbtide.tables import EVENTS_SCHEMA, TableSpec, table_specs
 
@@ -81,6 +82,8 @@ class RunReport:
     users_touched: int = 0
     sessions_written: int = 0
     seconds: float = 0.0
+    spark_jobs: int | None = None      # None where Spark does not let us count them (Spark Connect)
+    spark_stages: int | None = None
 
     @property
     def duplicates(self) -> int:
@@ -99,7 +102,8 @@ class RunReport:
                 f"+ duplicates {self.duplicates:,} (in batch {self.duplicates_in_batch:,}, of earlier runs "
                 f"{self.duplicates_of_earlier:,}) | superseded later copies {self.superseded_later:,}, withdrawn "
                 f"{self.withdrawn:,} | quarantine: {reasons} | users {self.users_touched:,}, "
-                f"sessions {self.sessions_written:,} | {self.seconds:.1f}s")
+                f"sessions {self.sessions_written:,} | {self.seconds:.1f}s, Spark jobs {self.spark_jobs} / stages "
+                f"{self.spark_stages}")
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -207,11 +211,12 @@ class Sessionizer:
         """One run date, as one unit of work: a concurrent writer's commit to what it read fails it cleanly."""
         started = time.time()
         report = RunReport(run_date)
-        with self.storage.job("sessionize", run_date.isoformat(), [self.specs[n] for n in WRITES]):
-            self._process(run_date, report, AppTxn(sessionize_app_id(run_date), int(started)))
-        with _phase("verify", run_date):   # bookkeeping, from the tables as committed
-            self._count_written(run_date, report)
-        report.seconds = time.time() - started
+        with count_spark_jobs(self.spark) as count:
+            with self.storage.job("sessionize", run_date.isoformat(), [self.specs[n] for n in WRITES]):
+                self._process(run_date, report, AppTxn(sessionize_app_id(run_date), int(started)))
+            with _phase("verify", run_date):   # bookkeeping, from the tables as committed
+                self._count_written(run_date, report)
+        report.seconds, report.spark_jobs, report.spark_stages = time.time() - started, count.jobs, count.stages
         report.check()
         log.info("sessionize %s", report.line())
         return report
@@ -329,12 +334,16 @@ class Sessionizer:
         written = self.storage.read(self.specs["quarantine"], where={"run_date": [run_date]})
         report.quarantine_by_reason = {r["reason"]: r["count"] for r in written.groupBy("reason").count().collect()}
         report.quarantined = sum(report.quarantine_by_reason.values())
-        kept = self.storage.read(self.specs["events"]).where(F.col("ingest_date") == F.lit(run_date)).select("event_id")
-        report.kept = kept.count()
-        # A copy left parked after it took over (see _plan) is kept, not a duplicate.
-        report.duplicates_of_earlier = (self.storage.read(self.specs["event_redeliveries"],
-                                                          where={"ingest_date": [run_date]})
-                                        .join(kept, "event_id", "left_anti").count())
+        kept = (self.storage.read(self.specs["events"]).where(F.col("ingest_date") == F.lit(run_date))
+                .select("event_id", F.lit(True).alias("_kept")))
+        parked = (self.storage.read(self.specs["event_redeliveries"], where={"ingest_date": [run_date]})
+                  .select("event_id", F.lit(True).alias("_parked")))
+        # One pass over both (event ids are unique in each); a copy left parked after it took over (see _plan) is
+        # kept, not a duplicate.
+        counts = kept.join(parked, "event_id", "full_outer").agg(
+            F.count("_kept").alias("kept"),
+            F.count(F.when(F.col("_parked") & F.col("_kept").isNull(), 1)).alias("parked")).collect()[0]
+        report.kept, report.duplicates_of_earlier = counts["kept"], counts["parked"]
 
     # -- items ------------------------------------------------------------------------------------------
     def _update_item_counts(self, plan: _Plan, txn: AppTxn) -> None:

@@ -17,6 +17,10 @@ import logging
 import os
 import re
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 
@@ -134,3 +138,53 @@ def delta_spark_available(spark: SparkSession) -> bool:
         return isinstance(jvm.io.delta.tables.DeltaTable, JavaClass)
     except Exception:
         return False
+
+
+@dataclass
+class SparkJobCount:
+    """Spark jobs, and stages that ran tasks, triggered by a block of driver code (None: not countable here)."""
+
+    jobs: int | None = None
+    stages: int | None = None
+
+
+@contextmanager
+def count_spark_jobs(spark: SparkSession) -> Iterator[SparkJobCount]:
+    """Count the jobs the block triggers: it runs under a fresh job tag (tags stack and leave a platform's job group
+    alone), and Spark's own listener, through the status tracker, lists the jobs that carried it. With adaptive
+    execution each shuffle stage is its own job, so this is what the cluster schedules. Spark Connect and locked-down
+    shared clusters keep the tracker out of reach: the count stays None there and the block runs unchanged."""
+    count = SparkJobCount()
+    try:
+        sc = None if is_connect(spark) else spark.sparkContext
+        tag = f"ebbtide-{uuid.uuid4().hex[:12]}"
+        if sc is not None:
+            sc.addJobTag(tag)
+    except Exception as err:   # e.g. py4j's allow-list on a shared cluster
+        log.debug("Spark jobs not countable here: %s", err)
+        sc = None
+    try:
+        yield count
+    finally:
+        if sc is not None:
+            sc.removeJobTag(tag)
+            count.jobs, count.stages = _jobs_and_stages(sc, tag)
+
+
+def _jobs_and_stages(sc, tag: str) -> tuple[int | None, int | None]:
+    try:
+        jsc = sc._jsc.sc()
+        jsc.listenerBus().waitUntilEmpty(10_000)   # the tracker is fed asynchronously by the listener bus
+        jobs = list(jsc.statusTracker().getJobIdsForTag(tag))
+    except Exception as err:
+        log.debug("Spark jobs not countable here: %s", err)
+        return None, None
+    tracker, stages = sc.statusTracker(), set()
+    for job in jobs:
+        info = tracker.getJobInfo(job)
+        for stage_id in (info.stageIds if info else []):
+            stage = tracker.getStageInfo(stage_id)
+            # a stage whose shuffle output already existed is listed but skipped: none of its tasks ran
+            if stage and (stage.numCompletedTasks > 0 or stage.numTasks == 0):
+                stages.add(stage_id)
+    return len(jobs), len(stages)
