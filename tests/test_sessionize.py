@@ -105,6 +105,34 @@ def test_each_run_reports_its_spark_jobs_from_the_listener(in_order, spark, monk
     assert ran and (hidden.jobs, hidden.stages) == (None, None)
 
 
+def test_a_semi_join_over_a_partitioned_read_stays_one_join_during_a_run(in_order, spark):
+    """Reads are unions of per-partition scans; Spark would push a semi/anti join into each branch (one shuffle and
+    one job per partition). A run excludes that rule, on top of the session's own exclusions, and restores them."""
+    import functools
+
+    from ebbtide.spark import UNION_PUSHDOWN_RULES, optimizer_rules_excluded
+    from pyspark.sql import functions as F
+
+    def joins_in_plan() -> int:
+        parts = [spark.range(100).withColumn("p", F.lit(i)) for i in range(4)]
+        semi = functools.reduce(lambda a, b: a.unionByName(b), parts).join(spark.range(10), "id", "left_semi")
+        return semi._jdf.queryExecution().optimizedPlan().toString().count("Join LeftSemi")
+
+    key, own = "spark.sql.optimizer.excludedRules", "org.apache.spark.sql.catalyst.optimizer.CollapseProject"
+    assert spark.conf.get(key, None) is None          # the runs of the fixture left the session as it was
+    assert joins_in_plan() == 4
+    with optimizer_rules_excluded(spark, UNION_PUSHDOWN_RULES):
+        assert joins_in_plan() == 1
+    assert spark.conf.get(key, None) is None and joins_in_plan() == 4
+    spark.conf.set(key, own)
+    try:
+        with optimizer_rules_excluded(spark, UNION_PUSHDOWN_RULES):
+            assert spark.conf.get(key).split(",") == [own, *UNION_PUSHDOWN_RULES]
+        assert spark.conf.get(key) == own
+    finally:
+        spark.conf.unset(key)
+
+
 def test_rerun_is_idempotent(in_order):
     cfg, storage, job = in_order["cfg"], in_order["storage"], in_order["job"]
     names = (*ORDER_FREE_TABLES, "item_vocab", "user_sequences")

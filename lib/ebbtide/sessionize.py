@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
 from ebbtide.config import Config
@@ -38,7 +38,7 @@ from ebbtide.rawlogs import (  # noqa: F401  (re-exported: the job's public name
     typed_events,
 )
 from ebbtide.runs import sessionize_app_id
-from ebbtide.spark import count_spark_jobs
+from ebbtide.spark import UNION_PUSHDOWN_RULES, count_spark_jobs, optimizer_rules_excluded
 from ebbtide.storage import AppTxn, DeltaStorage
 from ebbtide.tables import EVENTS_SCHEMA, TableSpec, table_specs
 
@@ -140,6 +140,23 @@ def _changes(new: DataFrame, old: DataFrame, keys: list[str]) -> tuple[DataFrame
     return source, joined.where(F.col("o").isNotNull()).select("o.*")
 
 
+def _summarize(winners: DataFrame, replaced: DataFrame, run_date: dt.date) -> Row:
+    """One action for what the driver needs from a plan: the event_date partitions of the winners and of the kept
+    copies that go away, and how many of those were superseded (a later ingest date's copy replaced by this run's)
+    or withdrawn (this date's earlier run kept it; the input no longer holds it, or an earlier date's copy wins)."""
+    now = winners.select("event_id", F.col("ingest_date").alias("_now"), F.col("event_date").alias("_winner_date"))
+    gone = (replaced.select("event_id", "ingest_date", F.col("event_date").alias("_old_date"))
+            .join(now.select("event_id", "_now"), "event_id", "left"))
+    rows = gone.unionByName(now, allowMissingColumns=True)   # a winner's row has no ingest_date: counts 0 below
+    this_run = F.lit(run_date)
+    return rows.agg(
+        F.collect_set("_winner_date").alias("winner_dates"), F.collect_set("_old_date").alias("old_dates"),
+        F.sum(F.when((F.col("ingest_date") > this_run) & (F.col("_now") == this_run), 1).otherwise(0))
+        .alias("superseded"),
+        F.sum(F.when((F.col("ingest_date") == this_run) & F.coalesce(F.col("_now") != this_run, F.lit(True)), 1)
+              .otherwise(0)).alias("withdrawn")).collect()[0]
+
+
 def dense_index(df: DataFrame, order: list[str], name: str, start: int) -> tuple[DataFrame, DataFrame]:
     """Number rows start, start+1, ... in `order` without funnelling them through one partition: range-partition,
     number inside each partition, add the sizes of the partitions before. Persisted, because range boundaries
@@ -211,7 +228,7 @@ class Sessionizer:
         """One run date, as one unit of work: a concurrent writer's commit to what it read fails it cleanly."""
         started = time.time()
         report = RunReport(run_date)
-        with count_spark_jobs(self.spark) as count:
+        with count_spark_jobs(self.spark) as count, optimizer_rules_excluded(self.spark, UNION_PUSHDOWN_RULES):
             with self.storage.job("sessionize", run_date.isoformat(), [self.specs[n] for n in WRITES]):
                 self._process(run_date, report, AppTxn(sessionize_app_id(run_date), int(started)))
             with _phase("verify", run_date):   # bookkeeping, from the tables as committed
@@ -294,16 +311,11 @@ class Sessionizer:
                        .join(kept.select(*copy_key), copy_key, "left_anti"))
         redelivery_changes = _stage(_changes(losers.unionByName(taking_over), parked, copy_key)[0])
         touched = winners.unionByName(replaced).select("user_id", "ts", "item_id", "event_date")
-        dates = sorted(r[0] for r in touched.select("event_date").distinct().collect())
-        old_dates = sorted(r[0] for r in replaced.select("event_date").distinct().collect())
-        counts = replaced.join(winners.select("event_id", F.col("ingest_date").alias("_now")), "event_id", "left") \
-            .agg(F.sum(F.when((F.col("ingest_date") > F.lit(run_date)) & (F.col("_now") == F.lit(run_date)), 1)
-                       .otherwise(0)).alias("superseded"),
-                 F.sum(F.when((F.col("ingest_date") == F.lit(run_date))
-                              & F.coalesce(F.col("_now") != F.lit(run_date), F.lit(True)), 1)
-                       .otherwise(0)).alias("withdrawn")).collect()[0]
-        report.superseded_later, report.withdrawn = counts["superseded"] or 0, counts["withdrawn"] or 0
-        return _Plan(affected, winners, events_changes, redelivery_changes, touched, dates, old_dates,
+        summary = _summarize(winners, replaced, run_date)
+        report.superseded_later, report.withdrawn = summary["superseded"] or 0, summary["withdrawn"] or 0
+        dates = sorted(set(summary["winner_dates"]) | set(summary["old_dates"]))
+        return _Plan(affected, winners, events_changes, redelivery_changes, touched, dates,
+                     sorted(summary["old_dates"]),
                      [affected, kept, parked, ranked_copies, events_changes, replaced, redelivery_changes])
 
     def _events_after(self, plan: _Plan, dates: list[dt.date]) -> DataFrame:
@@ -371,10 +383,11 @@ class Sessionizer:
                 "user_id", "user_bucket",
                 F.date_trunc("second", F.when(F.col("p").isNotNull() & continues, F.col("p.chain_start_ts"))
                              .otherwise(F.col("t0"))).alias("from_ts"))).persist(MEMORY_AND_DISK)
-            with _phase("  affected users", run_date):
-                report.users_touched = starts.count()
+            with _phase("  affected users", run_date):   # one pass, which also fills the cache
+                users = starts.agg(F.count("*").alias("n"), F.min("from_ts").alias("first")).collect()[0]
+            report.users_touched = users["n"]
             # Every event from the recompute point on, up to the user's last: partitions after the run date too.
-            first_day = starts.agg(F.min("from_ts")).collect()[0][0].date()
+            first_day = users["first"].date()
             existing = self.storage.partition_values(specs["events"], "event_date")
             window = sorted(d for d in set(existing) | set(plan.dates) if d >= first_day)
             recent = (self._events_after(plan, window).join(starts.select("user_id", "from_ts"), "user_id")

@@ -167,8 +167,46 @@ def count_spark_jobs(spark: SparkSession) -> Iterator[SparkJobCount]:
         yield count
     finally:
         if sc is not None:
-            sc.removeJobTag(tag)
-            count.jobs, count.stages = _jobs_and_stages(sc, tag)
+            try:
+                sc.removeJobTag(tag)
+            except Exception as err:   # a dead JVM: the block's own error, if any, is the one to see
+                log.debug("Spark job tag not removed: %s", err)
+            else:
+                count.jobs, count.stages = _jobs_and_stages(sc, tag)
+
+
+# Spark pushes a semi/anti join into each branch of a union. ebbtide's reads are unions of per-partition scans (the
+# partition values are literals from the Delta log), so every partition got its own shuffle of both sides, and under
+# adaptive execution its own job: one later-day sessions MERGE ran 46 jobs over 16 user buckets. The rows are the
+# same either way (optimizer rules preserve results; Spark keeps any rule it needs for correctness).
+UNION_PUSHDOWN_RULES = ("org.apache.spark.sql.catalyst.optimizer.PushDownLeftSemiAntiJoin",)
+_EXCLUDED_RULES = "spark.sql.optimizer.excludedRules"
+
+
+@contextmanager
+def optimizer_rules_excluded(spark: SparkSession, rules: tuple[str, ...]) -> Iterator[None]:
+    """Exclude these optimizer rules for the block, on top of any the session already excludes, then restore the
+    session's setting. The setting is per session: a query another thread plans meanwhile sees it too. Where the
+    platform refuses the setting, the block runs with the session's rules."""
+    applied, before = False, None
+    try:
+        before = spark.conf.get(_EXCLUDED_RULES, None)
+        wanted = [r for r in (before or "").split(",") if r.strip()]
+        spark.conf.set(_EXCLUDED_RULES, ",".join(wanted + [r for r in rules if r not in wanted]))
+        applied = True
+    except Exception as err:   # noqa: BLE001 - e.g. a serverless compute that refuses optimizer settings
+        log.debug("optimizer rules not excluded: %s", err)
+    try:
+        yield
+    finally:
+        if applied:
+            try:
+                if before is None:
+                    spark.conf.unset(_EXCLUDED_RULES)
+                else:
+                    spark.conf.set(_EXCLUDED_RULES, before)
+            except Exception as err:   # noqa: BLE001 - a dead JVM: the block's own error, if any, is the one to see
+                log.debug("optimizer rules not restored: %s", err)
 
 
 def _jobs_and_stages(sc, tag: str) -> tuple[int | None, int | None]:
