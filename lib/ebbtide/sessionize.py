@@ -119,8 +119,8 @@ class _Plan:
     winners: DataFrame          # the copy each affected id keeps after the run (event columns)
     events_changes: DataFrame   # winners that differ from the kept copy + kept copies to delete (`_delete`)
     redelivery_changes: DataFrame
-    touched: DataFrame          # user_id, ts, item_id, event_date of the rows that enter or leave `events`
-    dates: list[dt.date]        # event_date partitions where a row enters or leaves `events`
+    touched: DataFrame          # user_id, ts, item_id of the winners and of the kept copies that go away
+    dates: list[dt.date]        # event_date partitions holding a winner or a copy that goes away
     old_dates: list[dt.date]    # event_date partitions of kept copies that go away (the events MERGE looks there)
     cached: list[DataFrame]
 
@@ -140,17 +140,17 @@ def _changes(new: DataFrame, old: DataFrame, keys: list[str]) -> tuple[DataFrame
     return source, joined.where(F.col("o").isNotNull()).select("o.*")
 
 
-def _summarize(entering: DataFrame, leaving: DataFrame, winners: DataFrame, run_date: dt.date) -> Row:
-    """One action for what the driver needs from a plan: the event_date partitions of the rows that enter and that
-    leave `events`, and how many of the leaving ones were superseded (a later ingest date's copy replaced by this
-    run's) or withdrawn (this date's earlier run kept it; the input no longer holds it, or an earlier date's copy
-    wins)."""
-    gone = (leaving.select("event_id", "ingest_date", F.col("event_date").alias("_old_date"))
-            .join(winners.select("event_id", F.col("ingest_date").alias("_now")), "event_id", "left"))
-    rows = gone.unionByName(entering.select(F.col("event_date").alias("_new_date")), allowMissingColumns=True)
-    this_run = F.lit(run_date)   # an entering row has no ingest_date here: it counts 0 below
+def _summarize(winners: DataFrame, replaced: DataFrame, run_date: dt.date) -> Row:
+    """One action for what the driver needs from a plan: the event_date partitions of the winners and of the kept
+    copies that go away, and how many of those were superseded (a later ingest date's copy replaced by this run's)
+    or withdrawn (this date's earlier run kept it; the input no longer holds it, or an earlier date's copy wins)."""
+    now = winners.select("event_id", F.col("ingest_date").alias("_now"), F.col("event_date").alias("_winner_date"))
+    gone = (replaced.select("event_id", "ingest_date", F.col("event_date").alias("_old_date"))
+            .join(now.select("event_id", "_now"), "event_id", "left"))
+    rows = gone.unionByName(now, allowMissingColumns=True)   # a winner's row has no ingest_date: counts 0 below
+    this_run = F.lit(run_date)
     return rows.agg(
-        F.collect_set("_new_date").alias("new_dates"), F.collect_set("_old_date").alias("old_dates"),
+        F.collect_set("_winner_date").alias("winner_dates"), F.collect_set("_old_date").alias("old_dates"),
         F.sum(F.when((F.col("ingest_date") > this_run) & (F.col("_now") == this_run), 1).otherwise(0))
         .alias("superseded"),
         F.sum(F.when((F.col("ingest_date") == this_run) & F.coalesce(F.col("_now") != this_run, F.lit(True)), 1)
@@ -310,13 +310,10 @@ class Sessionizer:
         taking_over = (winners.join(parked.select(*copy_key), copy_key, "left_semi")
                        .join(kept.select(*copy_key), copy_key, "left_anti"))
         redelivery_changes = _stage(_changes(losers.unionByName(taking_over), parked, copy_key)[0])
-        # What is derived from `events` changes only where rows enter or leave it: a winner identical to its kept
-        # copy (an old event redelivered, a re-run of the same input) leaves its user, items and dates alone.
-        entering = events_changes.where(~F.col("_delete")).select(*EVENT_COLUMNS)
-        touched = entering.unionByName(replaced).select("user_id", "ts", "item_id", "event_date")
-        summary = _summarize(entering, replaced, winners, run_date)
+        touched = winners.unionByName(replaced).select("user_id", "ts", "item_id", "event_date")
+        summary = _summarize(winners, replaced, run_date)
         report.superseded_later, report.withdrawn = summary["superseded"] or 0, summary["withdrawn"] or 0
-        dates = sorted(set(summary["new_dates"]) | set(summary["old_dates"]))
+        dates = sorted(set(summary["winner_dates"]) | set(summary["old_dates"]))
         return _Plan(affected, winners, events_changes, redelivery_changes, touched, dates,
                      sorted(summary["old_dates"]),
                      [affected, kept, parked, ranked_copies, events_changes, replaced, redelivery_changes])
