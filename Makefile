@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt | java-check
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # Fault injection (SIGKILL of sessionize, nightly and train at their commit boundaries), backfills in any order,
 # re-runs, corrected inputs, concurrent runs and hostile input; prints its figures at the end. A fast slice of it

@@ -186,8 +186,10 @@ _EXCLUDED_RULES = "spark.sql.optimizer.excludedRules"
 @contextmanager
 def optimizer_rules_excluded(spark: SparkSession, rules: tuple[str, ...]) -> Iterator[None]:
     """Exclude these optimizer rules for the block, on top of any the session already excludes, then restore the
-    session's setting. The setting is per session: a query another thread plans meanwhile sees it too. Where the
-    platform refuses the setting, the block runs with the session's rules."""
+    session's setting. The setting is per session: a query another thread plans meanwhile sees it too, and of two
+    blocks that overlap in threads of one session, the one that ends last restores what it saw (possibly the
+    exclusion). Results are the same either way. Where the platform refuses the setting, the block runs with the
+    session's rules."""
     applied, before = False, None
     try:
         before = spark.conf.get(_EXCLUDED_RULES, None)
