@@ -127,6 +127,54 @@ def test_a_promotion_killed_between_the_two_commits_keeps_the_later_copy(env, sp
     assert state(storage, cfg) == state(ref, ref_cfg)
 
 
+def test_a_killed_run_is_healed_by_its_rerun_after_an_earlier_date_took_over_its_event(env, spark, make_config,
+                                                                                       tmp_path, monkeypatch):
+    """D2 is killed after its item_vocab commit (the vocabulary counts e1 on D2, `events` does not), then D1 takes
+    e1 over (the earliest ingest date wins). The re-run of D2 changes no row of e1, yet must bring item a's totals
+    back in line: a re-run re-derives every winner, not only the rows it moves."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[1], [ev("u1", "a", f"{D[1]}T10:00:00Z", event_id="e1"),
+                          ev("u2", "b", f"{D[1]}T11:00:00Z", event_id="e2")])
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T23:00:00Z", event_id="e1")])    # e1 again, an earlier time
+    monkeypatch.setenv(faults.ENV, "commit:item_vocab=raise")
+    with pytest.raises(faults.InjectedFault):
+        job.run(D[1])
+    monkeypatch.delenv(faults.ENV)
+    job.run(D[0])
+    job.run(D[1])
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    for day in (D[0], D[1]):
+        ref_job.run(day)
+    assert state(storage, cfg) == state(ref, ref_cfg)
+    vocab = {r.item_id: r.n_events for r in storage.read(table_specs(cfg)["item_vocab"]).collect()}
+    assert vocab == {"a": 1, "b": 1}
+    check_invariants(storage, cfg)
+
+
+def test_a_killed_corrected_rerun_is_undone_by_a_rerun_of_the_original_input(env, spark, make_config, tmp_path,
+                                                                             monkeypatch):
+    """A corrected input moves e2 to another session and its run is killed after the sequences commit; the
+    correction is then withdrawn. The re-run of the original input moves no row of `events`, yet must put u1's
+    sessions and sequence back: one session of two events."""
+    raw, cfg, storage, job = env
+    original = [ev("u1", "a", f"{D[0]}T05:00:00Z", event_id="e1"), ev("u1", "b", f"{D[0]}T05:10:00Z", event_id="e2")]
+    write_day(raw, D[0], original)
+    job.run(D[0])
+    write_day(raw, D[0], [original[0], ev("u1", "b", f"{D[0]}T15:10:00Z", event_id="e2")])
+    monkeypatch.setenv(faults.ENV, "commit:user_sequences=raise")
+    with pytest.raises(faults.InjectedFault):
+        job.run(D[0])
+    monkeypatch.delenv(faults.ENV)
+    assert n_sessions(storage, cfg, "u1") == 2                   # the killed run left sessions ahead of events
+    write_day(raw, D[0], original)
+    job.run(D[0])
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    ref_job.run(D[0])
+    assert state(storage, cfg) == state(ref, ref_cfg)
+    assert n_sessions(storage, cfg, "u1") == 1 and sequence(storage, cfg, "u1").session_idx == [0, 0]
+    check_invariants(storage, cfg)
+
+
 def test_an_event_id_redelivered_with_a_corrected_timestamp_is_kept_once(env, spark, make_config, tmp_path):
     """Bug 4: the copy in another event_date partition was not found; both copies were kept."""
     raw, cfg, storage, job = env
