@@ -74,8 +74,13 @@ def test_a_crash_before_the_sequences_commit_is_completed_by_a_rerun(env, monkey
     check_invariants(storage, cfg)
 
 
-@pytest.mark.parametrize("point", ["write:quarantine", "commit:item_vocab", "write:sessions", "commit:sessions",
-                                   "commit:user_sequences", "commit:event_redeliveries", "commit:events"])
+def slow(*points):
+    """Fault points run only by `make reliability` (each costs about a minute; `make test` keeps the others)."""
+    return [pytest.param(p, marks=pytest.mark.reliability) for p in points]
+
+
+@pytest.mark.parametrize("point", ["commit:item_vocab", "commit:user_sequences", *slow(
+    "write:quarantine", "write:sessions", "commit:sessions", "commit:event_redeliveries", "commit:events")])
 def test_a_run_killed_at_any_commit_boundary_converges(env, spark, make_config, tmp_path, monkeypatch, point):
     raw, cfg, storage, job = env
     write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z", event_id="e1"),
@@ -96,7 +101,7 @@ def test_a_run_killed_at_any_commit_boundary_converges(env, spark, make_config, 
     check_invariants(storage, cfg)
 
 
-@pytest.mark.parametrize("point", ["commit:event_redeliveries", "write:events", "commit:events"])
+@pytest.mark.parametrize("point", ["write:events", *slow("commit:event_redeliveries", "commit:events")])
 def test_a_promotion_killed_between_the_two_commits_keeps_the_later_copy(env, spark, make_config, tmp_path,
                                                                          monkeypatch, point):
     """A corrected re-run withdraws e2, so D3's parked copy takes over; a kill after the event_redeliveries commit
@@ -255,4 +260,105 @@ def test_two_runs_at_once_one_commits_each_table_the_other_fails_naming_it(env, 
     assert [r.event_id for r in storage.read(table_specs(cfg)["events"]).collect()] == ["e2"]
     job.run(D[0])                                                      # the failed run, re-run, completes
     assert sequence(storage, cfg, "u1").n_events == 2
+    check_invariants(storage, cfg)
+
+
+def test_a_killed_run_with_a_user_its_rerun_drops_leaves_nothing_of_that_user(env, spark, make_config, tmp_path,
+                                                                              monkeypatch):
+    """A corrected input adds u9 (item z) and its run is killed after the sequences commit; the re-run of the
+    original input has no row of u9. `events` never held u9, yet the killed run left u9's sessions, sequence and
+    item z in the derived tables: the re-run must remove them."""
+    raw, cfg, storage, job = env
+    original = [ev("u1", "a", f"{D[0]}T05:00:00Z", event_id="e1")]
+    write_day(raw, D[0], original)
+    job.run(D[0])
+    write_day(raw, D[0], original + [ev("u9", "z", f"{D[0]}T06:00:00Z", event_id="e9")])
+    monkeypatch.setenv(faults.ENV, "commit:user_sequences=raise")
+    with pytest.raises(faults.InjectedFault):
+        job.run(D[0])
+    monkeypatch.delenv(faults.ENV)
+    assert n_sessions(storage, cfg, "u9") == 1                   # the killed run left u9 ahead of events
+    write_day(raw, D[0], original)
+    job.run(D[0])
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    ref_job.run(D[0])
+    assert n_sessions(storage, cfg, "u9") == 0 and sequence(storage, cfg, "u9") is None
+    assert state(storage, cfg) == state(ref, ref_cfg)
+    check_invariants(storage, cfg)
+
+
+def _kill(job, day, monkeypatch, point):
+    monkeypatch.setenv(faults.ENV, f"{point}=raise")
+    with pytest.raises(faults.InjectedFault):
+        job.run(day)
+    monkeypatch.delenv(faults.ENV)
+
+
+@pytest.mark.reliability
+def test_a_rerun_with_no_valid_event_after_a_killed_first_run_completes(env, spark, make_config, tmp_path,
+                                                                        monkeypatch):
+    """The first run of D0 is killed after its item commits; the corrected day holds no valid event (same with an
+    empty day and sessionize.allow_empty_input=true). The residue holds item rows only (no user), so plan.dates is
+    non-empty while no user is affected: _update_users took users["first"] (None).date() -> AttributeError, on
+    every re-run."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T10:00:00Z", event_id="e1")])
+    _kill(job, D[0], monkeypatch, "commit:item_vocab")
+    write_day(raw, D[0], ["{broken"])
+    report = job.run(D[0])
+    assert (report.read, report.kept, report.quarantined) == (1, 0, 1)
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    ref_job.run(D[0])
+    assert state(storage, cfg) == state(ref, ref_cfg)
+    check_invariants(storage, cfg)
+
+
+def test_a_session_a_killed_run_only_deleted_is_restored_by_the_rerun(env, spark, make_config, tmp_path,
+                                                                       monkeypatch):
+    """e1 is kept from D2 (u1 at 10:40). D1's run has e1 corrected to 11:20 (D1's copy wins), and is killed after
+    the sequences commit: it deleted u1's 10:40 session and wrote one at 11:20. The re-run of D1 no longer holds
+    e1, so nothing names e1 (its kept copy is D2's); the residue only names u1 from 11:20 (the rows written), and
+    the recompute from 11:20 deletes u1's session and sequence while `events` still holds e1 at 10:40."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[2], [ev("u1", "z", f"{D[0]}T10:40:00Z", event_id="e1")])
+    job.run(D[2])
+    other = ev("u2", "b", f"{D[1]}T09:00:00Z", event_id="e2")
+    write_day(raw, D[1], [ev("u1", "z", f"{D[0]}T11:20:00Z", event_id="e1"), other])
+    _kill(job, D[1], monkeypatch, "commit:user_sequences")
+    write_day(raw, D[1], [other])
+    job.run(D[1])
+    kept = {r.event_id: (r.ts.hour, r.ts.minute, r.ingest_date)
+            for r in storage.read(table_specs(cfg)["events"]).collect()}
+    assert kept == {"e1": (10, 40, D[2]), "e2": (9, 0, D[1])}
+    assert n_sessions(storage, cfg, "u1") == 1 and sequence(storage, cfg, "u1").n_events == 1
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    for day in (D[2], D[1]):
+        ref_job.run(day)
+    assert state(storage, cfg) == state(ref, ref_cfg)
+    check_invariants(storage, cfg)
+
+
+@pytest.mark.reliability
+def test_an_item_count_a_killed_run_only_deleted_is_restored_by_the_rerun(env, spark, make_config, tmp_path,
+                                                                          monkeypatch):
+    """e1 (item z, event date D1) is kept from D3. D2's run moves e1 to D2 00:10 (D2's copy wins) and is killed after
+    the sequences commit: its recount of D1 only deleted (z, D1), and it wrote (z, D2). The re-run of D2 no longer
+    holds e1; no residue row names D1 (u1's session starts on D0), so D1 is never recounted: item_daily_counts
+    lacks (z, D1) and item_vocab says z has 0 events, while `events` holds e1 on D1. (Sessions heal here.)"""
+    raw, cfg, storage, job = env
+    write_day(raw, D[3], [ev("u1", "a", f"{D[0]}T23:55:00Z", event_id="e0"),
+                          ev("u1", "z", f"{D[1]}T00:10:00Z", event_id="e1")])
+    job.run(D[3])
+    other = ev("u2", "b", f"{D[2]}T09:00:00Z", event_id="e2")
+    write_day(raw, D[2], [ev("u1", "z", f"{D[2]}T00:10:00Z", event_id="e1"), other])
+    _kill(job, D[2], monkeypatch, "commit:user_sequences")
+    write_day(raw, D[2], [other])
+    job.run(D[2])
+    counts = {(r.item_id, r.event_date): r.n_events
+              for r in storage.read(table_specs(cfg)["item_daily_counts"]).collect()}
+    assert counts == {("a", D[0]): 1, ("z", D[1]): 1, ("b", D[2]): 1}
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    for day in (D[3], D[2]):
+        ref_job.run(day)
+    assert state(storage, cfg) == state(ref, ref_cfg)
     check_invariants(storage, cfg)

@@ -10,6 +10,7 @@ import pytest
 from ebbtide import faults
 from ebbtide.storage import AppTxn, RsStorage, StorageError, TableConflictError, open_storage
 from ebbtide.tables import TableSpec
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 SCHEMA = T.StructType([
@@ -260,6 +261,46 @@ def test_a_marker_commit_records_the_run_and_changes_no_file(store, spark):
     assert result.version == store.version(SPEC) == 2 and (result.files_added, result.files_removed) == (0, 0)
     assert store.active_files(SPEC) == files and contents(store) == [("a", 1, D1)]
     assert store.txn_versions(SPEC, ["ebbtide.test.2026-01-01"]) == {"ebbtide.test.2026-01-01": 7}
+
+
+def test_a_job_keeps_semi_joins_out_of_the_per_partition_branches_of_reads(store, spark):
+    from ebbtide.spark import UNION_PUSHDOWN_RULES
+
+    store.append(SPEC, rows(spark, [("a", 1, D1), ("b", 2, D2)]))
+    keys = spark.createDataFrame([("a",)], "k string")
+
+    def semi_joins() -> int:
+        semi = store.read(SPEC).join(keys, "k", "left_semi")   # a union of one scan per day
+        return semi._jdf.queryExecution().optimizedPlan().toString().count("Join LeftSemi")
+
+    assert semi_joins() == 2
+    with store.job("test"):
+        assert semi_joins() == 1 and spark.conf.get("spark.sql.optimizer.excludedRules") == UNION_PUSHDOWN_RULES[0]
+    assert spark.conf.get("spark.sql.optimizer.excludedRules", None) is None and semi_joins() == 2
+
+
+def test_rows_changed_since_a_runs_marker_are_what_its_later_commits_wrote_and_took_away(store, spark):
+    app = "ebbtide.test.2026-01-01"
+    store.append(SPEC, rows(spark, [("a", 1, D1), ("b", 2, D1), ("d", 5, D2)]), txn=AppTxn(app, 1))
+    landed = store.version(SPEC)
+    src = rows(spark, [("b", 3, D1), ("c", 4, D1), ("d", 5, D2)]).withColumn("_delete", F.col("k") == "d")
+    store.merge(SPEC, src, delete_flag="_delete", txn=AppTxn(app, 2))     # rewrites D1's file: a unchanged
+    assert store.version_with_marker(SPEC, app, 1) == landed
+    assert store.version_with_marker(SPEC, app, 2) == store.version(SPEC)
+    assert store.version_with_marker(SPEC, app, None) == 0 and store.version_with_marker(SPEC, app, 5) == -1
+
+    def changed(since):
+        written, gone = store.rows_changed_since(SPEC, since)
+        return (sorted((r.k, r.v) for r in written.collect()),
+                None if gone is None else sorted((r.k, r.v) for r in gone.collect()))
+
+    assert changed(landed) == ([("b", 3), ("c", 4)], [("b", 2), ("d", 5)])
+    assert changed(store.version(SPEC)) == ([], [])
+    assert changed(-1) == ([("a", 1), ("b", 3), ("c", 4)], None)
+    for f in store.active_files(SPEC, landed):   # vacuumed: the rewritten file counts as written whole
+        if os.path.exists(f.path):
+            os.remove(f.path)
+    assert changed(landed) == ([("a", 1), ("b", 3), ("c", 4)], None)
 
 
 # --------------------------------------------------------------------------------------------------

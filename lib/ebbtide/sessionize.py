@@ -19,6 +19,7 @@ unchanged a marker-only one, so the marker in `events` says the whole run landed
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from ebbtide.rawlogs import (  # noqa: F401  (re-exported: the job's public name
     typed_events,
 )
 from ebbtide.runs import sessionize_app_id
-from ebbtide.spark import UNION_PUSHDOWN_RULES, count_spark_jobs, optimizer_rules_excluded
+from ebbtide.spark import count_spark_jobs
 from ebbtide.storage import AppTxn, DeltaStorage
 from ebbtide.tables import EVENTS_SCHEMA, TableSpec, table_specs
 
@@ -119,14 +120,30 @@ class _Plan:
     winners: DataFrame          # the copy each affected id keeps after the run (event columns)
     events_changes: DataFrame   # winners that differ from the kept copy + kept copies to delete (`_delete`)
     redelivery_changes: DataFrame
-    touched: DataFrame          # user_id, ts, item_id of the winners and of the kept copies that go away
-    dates: list[dt.date]        # event_date partitions holding a winner or a copy that goes away
+    touched: DataFrame          # user_id, ts, item_id, event_date to recompute from (any of them may be null)
+    dates: list[dt.date]        # event_date partitions whose item counts are recomputed
     old_dates: list[dt.date]    # event_date partitions of kept copies that go away (the events MERGE looks there)
     cached: list[DataFrame]
 
     def release(self) -> None:
         for df in self.cached:
             df.unpersist()
+
+
+_TOUCHED = ("user_id", "ts", "item_id", "event_date")
+
+
+def _residue_rows(name: str, rows: DataFrame) -> DataFrame:
+    """The touched rows a derived table's rows stand for: its user from that time on (a sequence: from its first
+    event, since a stored sequence's earlier entries are reused), its item, its event date."""
+    none = {c: F.lit(None).cast(t) for c, t in zip(_TOUCHED, ("string", "timestamp", "string", "date"))}
+    start = {"sessions": "start_ts", "user_sequences": "first_ts"}.get(name)
+    if start:
+        picked = {"user_id": F.col("user_id"), "ts": F.col(start), "event_date": F.to_date(start)}
+    else:
+        picked = {"item_id": F.col("item_id")} | ({"event_date": F.col("event_date")}
+                                                 if name == "item_daily_counts" else {})
+    return rows.select(*[picked.get(c, none[c]).alias(c) for c in _TOUCHED])
 
 
 def _changes(new: DataFrame, old: DataFrame, keys: list[str]) -> tuple[DataFrame, DataFrame]:
@@ -140,17 +157,17 @@ def _changes(new: DataFrame, old: DataFrame, keys: list[str]) -> tuple[DataFrame
     return source, joined.where(F.col("o").isNotNull()).select("o.*")
 
 
-def _summarize(winners: DataFrame, replaced: DataFrame, run_date: dt.date) -> Row:
-    """One action for what the driver needs from a plan: the event_date partitions of the winners and of the kept
-    copies that go away, and how many of those were superseded (a later ingest date's copy replaced by this run's)
-    or withdrawn (this date's earlier run kept it; the input no longer holds it, or an earlier date's copy wins)."""
-    now = winners.select("event_id", F.col("ingest_date").alias("_now"), F.col("event_date").alias("_winner_date"))
-    gone = (replaced.select("event_id", "ingest_date", F.col("event_date").alias("_old_date"))
-            .join(now.select("event_id", "_now"), "event_id", "left"))
-    rows = gone.unionByName(now, allowMissingColumns=True)   # a winner's row has no ingest_date: counts 0 below
-    this_run = F.lit(run_date)
+def _summarize(touched: DataFrame, leaving: DataFrame, winners: DataFrame, run_date: dt.date) -> Row:
+    """One action for what the driver needs from a plan: the event_date partitions of the touched rows and of the
+    rows that leave `events`, and how many of the leaving ones were superseded (a later ingest date's copy replaced
+    by this run's) or withdrawn (this date's earlier run kept it; the input no longer holds it, or an earlier date's
+    copy wins)."""
+    gone = (leaving.select("event_id", "ingest_date", F.col("event_date").alias("_old_date"))
+            .join(winners.select("event_id", F.col("ingest_date").alias("_now")), "event_id", "left"))
+    rows = gone.unionByName(touched.select(F.col("event_date").alias("_date")), allowMissingColumns=True)
+    this_run = F.lit(run_date)   # a touched row has no ingest_date here: it counts 0 below
     return rows.agg(
-        F.collect_set("_winner_date").alias("winner_dates"), F.collect_set("_old_date").alias("old_dates"),
+        F.collect_set("_date").alias("dates"), F.collect_set("_old_date").alias("old_dates"),
         F.sum(F.when((F.col("ingest_date") > this_run) & (F.col("_now") == this_run), 1).otherwise(0))
         .alias("superseded"),
         F.sum(F.when((F.col("ingest_date") == this_run) & F.coalesce(F.col("_now") != this_run, F.lit(True)), 1)
@@ -228,7 +245,7 @@ class Sessionizer:
         """One run date, as one unit of work: a concurrent writer's commit to what it read fails it cleanly."""
         started = time.time()
         report = RunReport(run_date)
-        with count_spark_jobs(self.spark) as count, optimizer_rules_excluded(self.spark, UNION_PUSHDOWN_RULES):
+        with count_spark_jobs(self.spark) as count:
             with self.storage.job("sessionize", run_date.isoformat(), [self.specs[n] for n in WRITES]):
                 self._process(run_date, report, AppTxn(sessionize_app_id(run_date), int(started)))
             with _phase("verify", run_date):   # bookkeeping, from the tables as committed
@@ -310,13 +327,39 @@ class Sessionizer:
         taking_over = (winners.join(parked.select(*copy_key), copy_key, "left_semi")
                        .join(kept.select(*copy_key), copy_key, "left_anti"))
         redelivery_changes = _stage(_changes(losers.unionByName(taking_over), parked, copy_key)[0])
-        touched = winners.unionByName(replaced).select("user_id", "ts", "item_id", "event_date")
-        summary = _summarize(winners, replaced, run_date)
+        # What is derived from `events` changes only where rows enter or leave it: a winner identical to its kept
+        # copy (an old event redelivered, a re-run of the same input) leaves its user, items and dates alone.
+        # Unless a run of this date did not land: then every winner, and whatever that run wrote, is re-derived.
+        residue = self._residue(run_date)
+        entering = winners if residue is not None else \
+            events_changes.where(~F.col("_delete")).select(*EVENT_COLUMNS)
+        touched = entering.unionByName(replaced).select(*_TOUCHED)
+        touched = touched if residue is None else touched.unionByName(residue)
+        summary = _summarize(touched, replaced, winners, run_date)
         report.superseded_later, report.withdrawn = summary["superseded"] or 0, summary["withdrawn"] or 0
-        dates = sorted(set(summary["winner_dates"]) | set(summary["old_dates"]))
+        dates = sorted(summary["dates"])
         return _Plan(affected, winners, events_changes, redelivery_changes, touched, dates,
                      sorted(summary["old_dates"]),
-                     [affected, kept, parked, ranked_copies, events_changes, replaced, redelivery_changes])
+                     [affected, kept, parked, ranked_copies, events_changes, replaced, redelivery_changes]
+                     + ([residue] if residue is not None else []))
+
+    def _residue(self, run_date: dt.date) -> DataFrame | None:
+        """What runs of this date that did not land (killed, failed) did to the tables derived from `events`, as
+        touched rows; None if the last run of the date landed. Such a run commits `events` last, so those tables
+        may hold users, items and dates that neither `events` nor this run's input names, and may lack rows of
+        events that `events` still holds (another date's copy its own copy replaced). Where the rows taken away
+        cannot be told (vacuumed), every row of `events` is touched."""
+        app = sessionize_app_id(run_date)
+        landed = self.storage.txn_versions(self.specs["events"], [app])[app]
+        parts = []
+        for name in WRITES[1:WRITES.index("user_sequences") + 1]:
+            spec = self.specs[name]
+            if self.storage.txn_versions(spec, [app])[app] == landed:   # the usual case: one snapshot load
+                continue
+            written, gone = self.storage.rows_changed_since(spec, self.storage.version_with_marker(spec, app, landed))
+            parts += [_residue_rows(name, written), _residue_rows(name, gone) if gone is not None
+                      else self.storage.read(self.specs["events"]).select(*_TOUCHED)]
+        return _stage(functools.reduce(DataFrame.unionByName, parts)) if parts else None
 
     def _events_after(self, plan: _Plan, dates: list[dt.date]) -> DataFrame:
         """`events` of these event_date partitions as they are once this run commits."""
@@ -368,7 +411,8 @@ class Sessionizer:
         gap_us = int(conf.session_gap_minutes * 60e6)
         max_us = int(conf.max_session_minutes * 60e6)
         n_buckets = self.cfg.storage.user_buckets
-        affected = _stage(plan.touched.groupBy("user_id").agg(F.min("ts").alias("t0"))
+        users = plan.touched.where(F.col("user_id").isNotNull())   # item and date rows of a residue have none
+        affected = _stage(users.groupBy("user_id").agg(F.min("ts").alias("t0"))
                           .withColumn("user_bucket", user_bucket(n_buckets)))
         try:
             buckets = sorted(r[0] for r in affected.select("user_bucket").distinct().collect())
@@ -386,6 +430,9 @@ class Sessionizer:
             with _phase("  affected users", run_date):   # one pass, which also fills the cache
                 users = starts.agg(F.count("*").alias("n"), F.min("from_ts").alias("first")).collect()[0]
             report.users_touched = users["n"]
+            if not users["n"]:   # only items and dates to recount (a re-run after a killed run, say)
+                starts.unpersist()
+                return
             # Every event from the recompute point on, up to the user's last: partitions after the run date too.
             first_day = users["first"].date()
             existing = self.storage.partition_values(specs["events"], "event_date")

@@ -41,7 +41,7 @@ from pyspark.sql import types as T
 
 from ebbtide import faults
 from ebbtide.config import StorageConf
-from ebbtide.spark import delta_spark_available
+from ebbtide.spark import UNION_PUSHDOWN_RULES, delta_spark_available, optimizer_rules_excluded
 from ebbtide.tables import TableSpec
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class DeltaStorage(ABC):
         since committed to a partition the job read. The tables in `writes` are pinned whole when the job starts:
         of two overlapping jobs that write the same tables, the first to commit to a table wins it and the other
         fails there, before it commits anything more. A failed job leaves the commits it made; re-running it
-        completes the work (every job is idempotent)."""
+        completes the work (every job is idempotent). Inside a job Spark does not push semi/anti joins into the
+        per-partition branches of this class's reads (see spark.UNION_PUSHDOWN_RULES)."""
         if self._job is not None:
             raise StorageError(f"{kind} {label}: this storage object already runs {self._job.kind} "
                                f"{self._job.label}; use one storage object per concurrent job")
@@ -182,7 +183,8 @@ class DeltaStorage(ABC):
                 # a table the job (or a concurrent one) creates is pinned before its creation, version -1
                 version = self.version(spec) if self.exists(spec) else -1
                 self._pin(spec, version).note(None, version)
-            yield
+            with optimizer_rules_excluded(self.spark, UNION_PUSHDOWN_RULES):
+                yield
             faults.point(f"end:{kind}")
         finally:
             self._job = None
@@ -296,6 +298,24 @@ class DeltaStorage(ABC):
 
     @abstractmethod
     def protocol(self, spec: TableSpec) -> tuple[int, int]: ...
+
+    def version_with_marker(self, spec: TableSpec, app_id: str, txn_version: int | None) -> int:
+        """The latest version whose snapshot carries `txn_version` as `app_id`'s marker (None: no marker), or -1 if
+        none does. Walks back one snapshot at a time: meant for the few commits of a run that did not land."""
+        for version in range(self.version(spec), -1, -1):
+            if self.txn_versions(spec, [app_id], version)[app_id] == txn_version:
+                return version
+        return -1
+
+    def rows_changed_since(self, spec: TableSpec, version: int) -> tuple[DataFrame, DataFrame | None]:
+        """What the commits after `version` did to the table: the rows they wrote (in the latest snapshot, not in
+        the one at `version`) and the rows they took away (the other way round). The second is None when it cannot
+        be told: no such version (-1). A version whose files were vacuumed fails the read (time travel)."""
+        now = self.read(spec)   # first: inside a job, the table counts as read at its latest version
+        if version < 0:
+            return now, None
+        then = self.read(spec, version=version)
+        return now.exceptAll(then), then.exceptAll(now)
 
     # -- shared helpers ---------------------------------------------------------------------------------
     def _check_buckets(self, spec: TableSpec, configuration: dict[str, str]) -> None:
@@ -469,6 +489,21 @@ class RsStorage(DeltaStorage):
             df = df.join(F.broadcast(self.spark.createDataFrame(rows, part_schema)), "_file")
         cols = spec.columns + (["_file"] if with_file else [])
         return df.select(*cols)
+
+    def rows_changed_since(self, spec: TableSpec, version: int) -> tuple[DataFrame, DataFrame | None]:
+        """As the base class, comparing only the files that differ: a rewritten file's unchanged rows cancel out.
+        When the files the commits replaced were vacuumed, what they took away cannot be told (None), and their
+        replacements count as written whole."""
+        if version < 0:
+            return self.read(spec), None
+        now = {f.rel_path: f for f in self.active_files(spec)}
+        then = {f.rel_path: f for f in self.active_files(spec, version)}
+        added = self._read_files(spec, [f for p, f in now.items() if p not in then])
+        replaced = [f for p, f in then.items() if p not in now]
+        if not _all_exist([f.path for f in replaced]):
+            return added, None
+        removed = self._read_files(spec, replaced)
+        return added.exceptAll(removed), removed.exceptAll(added)
 
     def history(self, spec: TableSpec, limit: int | None = None) -> list[dict[str, Any]]:
         return self._table(spec).history(limit)
@@ -734,6 +769,20 @@ class RsStorage(DeltaStorage):
     def txn_versions(self, spec: TableSpec, app_ids: list[str], version: int | None = None) -> dict[str, int | None]:
         table = self._table(spec, version)   # one snapshot load; the lookups are in memory
         return {app_id: table.transaction_version(app_id) for app_id in app_ids}
+
+
+def _all_exist(paths: list[str]) -> bool:
+    """Whether every one of these files is still there (False when that cannot be told)."""
+    if not paths:
+        return True
+    try:
+        from pyarrow.fs import FileType
+
+        filesystem, _ = _filesystem(paths[0])
+        infos = filesystem.get_file_info([_filesystem(p)[1] for p in paths])
+        return all(info.type != FileType.NotFound for info in infos)
+    except Exception:
+        return False
 
 
 def _removes(spec: TableSpec, files: list[ActiveFile]) -> list:
