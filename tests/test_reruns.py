@@ -1,10 +1,14 @@
 """Re-runs, backfills, corrected inputs, crashes and concurrent runs of sessionize on hand-written logs.
 
-Each test reproduces a bug of issue 9 that the code before it had (the number is the issue's)."""
+Each test reproduces a bug that an earlier version of the code had: issue 9, and reviews of the re-run narrowing of
+issue 11 (only rows entering or leaving `events` touch users, unless the date's last run did not land)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import time
+from contextlib import contextmanager
 
 import pytest
 from ebbtide import faults
@@ -360,5 +364,74 @@ def test_an_item_count_a_killed_run_only_deleted_is_restored_by_the_rerun(env, s
     ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
     for day in (D[3], D[2]):
         ref_job.run(day)
+    assert state(storage, cfg) == state(ref, ref_cfg)
+    check_invariants(storage, cfg)
+
+
+@contextmanager
+def _driver_time_zone(tz: str):
+    """The Python driver's local zone (Spark's session zone stays UTC)."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = tz
+    time.tzset()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+
+def test_a_driver_east_of_utc_keeps_the_sessions_of_a_late_utc_evening(env):
+    """_update_users takes first_day = users["first"].date(): PySpark turns a collected timestamp into a naive
+    datetime in the driver's *local* zone. On a driver at UTC+9, 20:00Z on D0 is 05:00 on D0+1, so the window of
+    events partitions starts a day late: no event of D0 is read, u1's session is never written (a later run would
+    delete it as stale) and the sequence gets n_events 0 (deleted)."""
+    raw, cfg, storage, job = env
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T20:00:00Z", event_id="e1"),
+                          ev("u1", "b", f"{D[0]}T20:10:00Z", event_id="e2")])
+    with _driver_time_zone("JST-9"):
+        job.run(D[0])
+    assert n_sessions(storage, cfg, "u1") == 1
+    seq = sequence(storage, cfg, "u1")
+    assert seq is not None and seq.n_events == 2
+    check_invariants(storage, cfg)
+
+
+@pytest.mark.reliability
+def test_a_rerun_completes_after_the_killed_runs_old_log_entries_were_cleaned_up(
+        env, spark, make_config, tmp_path, monkeypatch):
+    """delta-rs removes commit files older than delta.logRetentionDuration (30 days) once a checkpoint follows them.
+    A killed run re-run after that: version_with_marker walks back to the version before the killed commit, which
+    can no longer be loaded (TableNotFoundError 'No files in log segment'), so the re-run fails, and every later
+    re-run the same way. Where that version cannot be loaded the re-run should treat it as unknown (-1: every row
+    is touched) and complete."""
+    from deltalake import DeltaTable
+
+    raw, cfg, storage, job = env
+    original = [ev("u1", "a", f"{D[0]}T05:00:00Z", event_id="e1"), ev("u1", "b", f"{D[0]}T05:10:00Z", event_id="e2")]
+    write_day(raw, D[0], original)
+    job.run(D[0])
+    write_day(raw, D[0], [original[0], ev("u1", "b", f"{D[0]}T15:10:00Z", event_id="e2")])
+    monkeypatch.setenv(faults.ENV, "commit:sessions=raise")
+    with pytest.raises(faults.InjectedFault):
+        job.run(D[0])
+    monkeypatch.delenv(faults.ENV)
+    assert n_sessions(storage, cfg, "u1") == 2                   # the killed run left sessions ahead of events
+    # What delta-rs's expired-log cleanup does in time (here with a zero retention): checkpoint, drop older commits.
+    table = DeltaTable(storage.location(table_specs(cfg)["sessions"]))
+    table.alter.set_table_properties({"delta.logRetentionDuration": "interval 0 seconds"},
+                                     raise_if_not_exists=False)
+    table = DeltaTable(storage.location(table_specs(cfg)["sessions"]))
+    table.create_checkpoint()
+    time.sleep(1.1)
+    table.cleanup_metadata()
+    write_day(raw, D[0], original)
+    job.run(D[0])
+    ref_cfg, ref, ref_job = fresh(spark, make_config, tmp_path, "ref")
+    ref_job.run(D[0])
+    assert n_sessions(storage, cfg, "u1") == 1
     assert state(storage, cfg) == state(ref, ref_cfg)
     check_invariants(storage, cfg)

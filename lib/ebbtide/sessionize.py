@@ -428,15 +428,16 @@ class Sessionizer:
                 F.date_trunc("second", F.when(F.col("p").isNotNull() & continues, F.col("p.chain_start_ts"))
                              .otherwise(F.col("t0"))).alias("from_ts"))).persist(MEMORY_AND_DISK)
             with _phase("  affected users", run_date):   # one pass, which also fills the cache
-                users = starts.agg(F.count("*").alias("n"), F.min("from_ts").alias("first")).collect()[0]
+                # the date as events' partitions name it (Spark's session zone): a collected timestamp would be
+                # in the driver's local zone, a day off east of UTC
+                users = starts.agg(F.count("*").alias("n"), F.to_date(F.min("from_ts")).alias("first_day")).collect()[0]
             report.users_touched = users["n"]
             if not users["n"]:   # only items and dates to recount (a re-run after a killed run, say)
                 starts.unpersist()
                 return
             # Every event from the recompute point on, up to the user's last: partitions after the run date too.
-            first_day = users["first"].date()
             existing = self.storage.partition_values(specs["events"], "event_date")
-            window = sorted(d for d in set(existing) | set(plan.dates) if d >= first_day)
+            window = sorted(d for d in set(existing) | set(plan.dates) if d >= users["first_day"])
             recent = (self._events_after(plan, window).join(starts.select("user_id", "from_ts"), "user_id")
                       .where(F.col("ts") >= F.col("from_ts")))
             with _phase("  cut sessions", run_date):

@@ -301,9 +301,16 @@ class DeltaStorage(ABC):
 
     def version_with_marker(self, spec: TableSpec, app_id: str, txn_version: int | None) -> int:
         """The latest version whose snapshot carries `txn_version` as `app_id`'s marker (None: no marker), or -1 if
-        none does. Walks back one snapshot at a time: meant for the few commits of a run that did not land."""
+        none does or the walk reaches a version whose log entries were cleaned up (delta.logRetentionDuration).
+        Walks back one snapshot at a time: meant for the few commits of a run that did not land."""
         for version in range(self.version(spec), -1, -1):
-            if self.txn_versions(spec, [app_id], version)[app_id] == txn_version:
+            try:
+                marker = self.txn_versions(spec, [app_id], version)[app_id]
+            except Exception as err:   # noqa: BLE001 - delta-rs: "No files in log segment"
+                log.warning("%s: version %d cannot be loaded (%s); comparing with no version", spec.name, version,
+                            str(err).splitlines()[0][:200])
+                return -1
+            if marker == txn_version:
                 return version
         return -1
 

@@ -427,13 +427,16 @@ def train_models(cfg: Config, storage, snapshot_version: int | None = None,
     """Train every configured model on one pinned snapshot; returns the artifact folder of each.
 
     With export_worker_args, only write one `<model>.json` per model there, for `torchrun -m ebbtide.train`."""
+    from pyspark.sql import functions as sf
+
     from ebbtide.feed import pin_snapshot
     from ebbtide.tables import table_specs
 
     snapshot = pin_snapshot(storage, cfg, snapshot_version)
     seq_spec = table_specs(cfg)["user_sequences"]
-    last_ts = storage.read(seq_spec, snapshot.version).agg({"last_ts": "max"}).collect()[0][0]
-    split = SplitPlan.from_config(cfg.train, last_ts.date() if last_ts else None)
+    # the date in Spark's session zone (UTC), not the driver's local one
+    last_day = storage.read(seq_spec, snapshot.version).agg(sf.to_date(sf.max("last_ts"))).collect()[0][0]
+    split = SplitPlan.from_config(cfg.train, last_day)
     n_types = len(cfg.sessionize.event_types)
     log_q = (item_log_q(storage, cfg, snapshot, split) if snapshot.n_items > cfg.train.full_softmax_max_items
              else None)
