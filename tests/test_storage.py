@@ -104,6 +104,36 @@ def test_merge_upserts_deletes_and_rewrites_only_touched_files(store, spark):
     assert store.history(SPEC, 1)[0]["operation"] in ("WRITE", "write")
 
 
+def keys_by_file(store, spark):
+    paths = [f.path for f in store.active_files(SPEC)]
+    df = spark.read.parquet(*paths).select("k", F.col("_metadata.file_path").alias("file"))
+    return sorted(sorted(r["keys"]) for r in df.groupBy("file").agg(F.collect_list("k").alias("keys")).collect())
+
+
+def test_a_merge_writes_the_rows_it_keeps_apart_from_the_rows_it_inserts(store, spark):
+    store.append(SPEC, rows(spark, [("a", 1, D1), ("b", 2, D1)]))
+    store.merge(SPEC, rows(spark, [("a", 10, D1), ("n", 5, D1)]))
+    assert contents(store) == [("a", 10, D1), ("b", 2, D1), ("n", 5, D1)]
+    # b stays in a file of its own: a table's older rows do not pile up with every day's new ones
+    assert keys_by_file(store, spark) == [["a", "n"], ["b"]]
+
+
+def test_a_merge_promised_a_lower_bound_searches_only_files_that_reach_it(store, spark, monkeypatch):
+    old = TS - dt.timedelta(days=1)
+    frame = lambda items: spark.createDataFrame(  # noqa: E731
+        [(k, v, ts, [k], D1) for k, v, ts in items], SCHEMA).coalesce(1)
+    store.append(SPEC, frame([("a", 1, old)]))
+    store.append(SPEC, frame([("b", 2, TS)]))
+    searched = []
+    holding = store._files_holding
+    monkeypatch.setattr(store, "_files_holding", lambda spec, files, keys: searched.extend(files) or
+                        holding(spec, files, keys))
+    result = store.merge(SPEC, frame([("b", 20, TS), ("c", 3, TS)]), since=("ts", TS))
+    assert contents(store) == [("a", 1, D1), ("b", 20, D1), ("c", 3, D1)]
+    assert len(searched) == 1 and searched[0].max_values["ts"] >= TS   # a's file (max = old) was not searched
+    assert result.files_removed == 1
+
+
 def test_snapshot_read_ignores_removed_files(store, spark):
     store.append(SPEC, rows(spark, [("a", 1, D1)]))
     store.replace_where(SPEC, rows(spark, [("a", 2, D1)]), {"day": [D1]})

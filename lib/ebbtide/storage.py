@@ -73,6 +73,7 @@ class ActiveFile:
     size: int
     partition_values: dict[str, Any]
     num_records: int | None = None
+    max_values: dict[str, Any] = field(default_factory=dict)   # column -> max in the file's Delta stats (UTC-aware)
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,15 @@ def where_sql(where: WhereValues) -> str:
         f"`{col}` IN ({', '.join(sql_literal(v) for v in values)})" for col, values in where.items())
 
 
-def clustered(spec: TableSpec, df: DataFrame) -> DataFrame:
-    """Lay rows out for writing: shuffle by partition where asked, cluster by sort keys inside each file."""
+def clustered(spec: TableSpec, *parts: DataFrame) -> DataFrame:
+    """Lay rows out for writing: shuffle by partition where asked, cluster by sort keys inside each file. Each part
+    is laid out on its own, so its rows never share a file with another part's: a MERGE writes the rows it keeps
+    from rewritten files apart from the rows it inserts, which keeps the table's layout (a file of yesterday's
+    sessions stays one, with tight statistics, instead of growing into one file of the whole history)."""
+    return functools.reduce(DataFrame.union, [_laid_out(spec, part) for part in parts])
+
+
+def _laid_out(spec: TableSpec, df: DataFrame) -> DataFrame:
     out = df.select(*spec.columns)
     if spec.max_files:
         out = out.coalesce(spec.max_files)
@@ -259,11 +267,14 @@ class DeltaStorage(ABC):
 
     @abstractmethod
     def merge(self, spec: TableSpec, source: DataFrame, delete_flag: str | None = None,
-              txn: AppTxn | None = None, search: WhereValues | None = None) -> CommitResult:
+              txn: AppTxn | None = None, search: WhereValues | None = None,
+              since: tuple[str, dt.datetime] | None = None) -> CommitResult:
         """Upsert by spec.keys. With delete_flag, source rows whose flag is true delete the matching row.
 
         The source must be unique by key. Matching rows are looked for in the partitions of the source rows plus
-        those in `search` (a row that moves to another partition names its old one there).
+        those in `search` (a row that moves to another partition names its old one there). `since` = (column,
+        value) promises that every row the source matches has column >= value: files whose statistics say
+        otherwise are skipped (a MERGE of recent sessions does not search the whole history).
         """
 
     @abstractmethod
@@ -420,7 +431,8 @@ class RsStorage(DeltaStorage):
             files.append(ActiveFile(
                 path=f"{root}/{unquote(rel)}", rel_path=rel, size=a["size_bytes"],
                 partition_values={c: a.get(f"partition.{c}") for c in spec.partition_by},
-                num_records=a.get("num_records")))
+                num_records=a.get("num_records"),
+                max_values={k[4:]: v for k, v in a.items() if k.startswith("max.") and v is not None}))
         return files
 
     def active_files(self, spec: TableSpec, version: int | None = None) -> list[ActiveFile]:
@@ -454,23 +466,31 @@ class RsStorage(DeltaStorage):
         return self._read_files(spec, self._files_holding(spec, files, keys)).join(keys, keys.columns, "left_semi")
 
     def _files_holding(self, spec: TableSpec, files: list[ActiveFile], keys: DataFrame) -> list[ActiveFile]:
-        """The files holding a row whose key columns match `keys`: a scan of the key columns only."""
+        """The files holding a row whose key matches `keys` on its data columns (a partition column in the key
+        leaves a superset, which the callers' joins on the whole key make exact): a scan of those columns only.
+        Each row carries Spark's file URI as it is; only the distinct hits are decoded, here on the driver
+        (decoding it in every row, and carrying the decoded form through the join, cost 7x the scan)."""
         if not files:
             return []
+        columns = [c for c in keys.columns if c not in spec.partition_by]
+        if not columns:
+            return list(files)
         by_name = {_file_key(f.path): f for f in files}
-        scan = self._read_files(spec, files, with_file=True).select(*keys.columns, "_file")
-        names = [r["_file"] for r in scan.join(keys, keys.columns, "left_semi").select("_file").distinct().collect()]
+        scan = (self.spark.read.schema(spec.data_schema).parquet(*[_spark_uri(f.path) for f in files])
+                .select(*columns, F.col("_metadata.file_path").alias("_uri")))
+        hits = scan.join(keys.select(*columns).distinct(), columns, "left_semi").select("_uri").distinct().collect()
+        # One key for a file whatever the URI's spelling (file:/x, file:///x, /x) or escaping (percent-encoded)
+        names = {unquote(re.sub(_SCHEME_RE, "", r["_uri"])) for r in hits}
         unknown = [n for n in names if n not in by_name]
         if unknown:  # a path spelled differently than the log's: matching rows would be missed, so stop here
-            raise StorageError(f"{spec.name}: cannot map scanned files {unknown[:3]} back to the Delta log")
-        return [by_name[n] for n in names]
+            raise StorageError(f"{spec.name}: cannot map scanned files {sorted(unknown)[:3]} back to the Delta log")
+        return [by_name[n] for n in sorted(names)]
 
-    def _read_files(self, spec: TableSpec, files: list[ActiveFile], with_file: bool = False) -> DataFrame:
+    def _read_files(self, spec: TableSpec, files: list[ActiveFile]) -> DataFrame:
         """Read exactly these files; partition values come from the Delta log, not from folder names."""
         if not files:
-            empty = self.spark.createDataFrame([], spec.schema)
-            return empty.withColumn("_file", F.lit(None).cast("string")) if with_file else empty
-        if spec.partition_by and not with_file:
+            return self.spark.createDataFrame([], spec.schema)
+        if spec.partition_by:
             groups: dict[tuple, list[str]] = {}
             for f in files:
                 groups.setdefault(tuple(f.partition_values[c] for c in spec.partition_by), []).append(f.path)
@@ -484,18 +504,16 @@ class RsStorage(DeltaStorage):
                     parts.append(part.select(*spec.columns))
                 return functools.reduce(DataFrame.unionByName, parts)
         df = self.spark.read.schema(spec.data_schema).parquet(*[_spark_uri(f.path) for f in files])
-        # One key for a file whatever the URI spelling (file:/x, file:///x, /x) or escaping (Spark's file_path is
-        # percent-encoded, '+' stays literal): the decoded path without its scheme.
-        raw = F.regexp_replace(F.regexp_replace(F.col("_metadata.file_path"), _SCHEME_RE, ""), r"\+", "%2B")
-        df = df.withColumn("_file", F.url_decode(raw))
         if spec.partition_by:
+            # Spark's file_path is percent-encoded ('+' stays literal, url_decode would read it as a space)
+            raw = F.regexp_replace(F.regexp_replace(F.col("_metadata.file_path"), _SCHEME_RE, ""), r"\+", "%2B")
+            df = df.withColumn("_file", F.url_decode(raw))
             part_schema = T.StructType([T.StructField("_file", T.StringType(), False)] + [
                 T.StructField(c, spec.schema[c].dataType, True) for c in spec.partition_by])
             rows = [(_file_key(f.path), *[f.partition_values[c] for c in spec.partition_by])
                     for f in files]
             df = df.join(F.broadcast(self.spark.createDataFrame(rows, part_schema)), "_file")
-        cols = spec.columns + (["_file"] if with_file else [])
-        return df.select(*cols)
+        return df.select(*spec.columns)
 
     def rows_changed_since(self, spec: TableSpec, version: int) -> tuple[DataFrame, DataFrame | None]:
         """As the base class, comparing only the files that differ: a rewritten file's unchanged rows cancel out.
@@ -519,7 +537,7 @@ class RsStorage(DeltaStorage):
         return self._table(spec).transaction_version(app_id)
 
     # -- writing ----------------------------------------------------------------------------------------
-    def _write_files(self, spec: TableSpec, df: DataFrame) -> tuple[str, list]:
+    def _write_files(self, spec: TableSpec, parts: list[DataFrame]) -> tuple[str, list]:
         """Spark writes Parquet files into a fresh folder inside the table; returns it and delta-rs AddActions.
         A failed write removes its folder."""
         import pyarrow.parquet as pq
@@ -528,7 +546,7 @@ class RsStorage(DeltaStorage):
         folder = f"write-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         out = f"{self.location(spec)}/{folder}"
         try:
-            (clustered(spec, df).write.mode("error").partitionBy(*spec.partition_by)
+            (clustered(spec, *parts).write.mode("error").partitionBy(*spec.partition_by)
                 .option("maxRecordsPerFile", self.conf.max_rows_per_file).parquet(_spark_uri(out)))
             fs, base = _filesystem(out)
             adds = []
@@ -555,11 +573,11 @@ class RsStorage(DeltaStorage):
             raise
         return out, adds
 
-    def _write_and_commit(self, spec: TableSpec, table, pin: _Pin, df: DataFrame, removes: list | None = None,
+    def _write_and_commit(self, spec: TableSpec, table, pin: _Pin, parts: list[DataFrame], removes: list | None = None,
                           before_commit=None, **commit_args) -> CommitResult:
         """Write df's files and commit them with `removes`; a write that is not committed leaves no files behind
         (unless the process is killed: vacuum removes those)."""
-        out, adds = self._write_files(spec, df)
+        out, adds = self._write_files(spec, parts)
         try:
             if before_commit:
                 before_commit(adds)
@@ -669,7 +687,7 @@ class RsStorage(DeltaStorage):
         def note_written(adds):  # the partitions written count as read, as of the snapshot loaded above
             parts = {_partition_key(spec, a.partition_values) for a in adds} if spec.partition_by else None
             pin.note(parts, table.version())
-        return self._write_and_commit(spec, table, pin, df, before_commit=note_written, txn=txn)
+        return self._write_and_commit(spec, table, pin, [df], before_commit=note_written, txn=txn)
 
     def replace_where(self, spec: TableSpec, df: DataFrame, where: WhereValues,
                       txn: AppTxn | None = None) -> CommitResult:
@@ -689,12 +707,13 @@ class RsStorage(DeltaStorage):
         filters = [(c, "in", sorted(vals)) for c, vals in allowed.items()]
         before = [f for f in self._files_of(spec, table)
                   if all(_partition_str(f.partition_values[c]) in allowed[c] for c in allowed)]
-        result = self._write_and_commit(spec, table, pin, df, before_commit=inside, mode="overwrite",
+        result = self._write_and_commit(spec, table, pin, [df], before_commit=inside, mode="overwrite",
                                         partition_filters=filters, txn=txn)
         return CommitResult(result.version, result.files_added, len(before))
 
     def merge(self, spec: TableSpec, source: DataFrame, delete_flag: str | None = None,
-              txn: AppTxn | None = None, search: WhereValues | None = None) -> CommitResult:
+              txn: AppTxn | None = None, search: WhereValues | None = None,
+              since: tuple[str, dt.datetime] | None = None) -> CommitResult:
         """Copy-on-write MERGE, the way Delta does it: find the files holding matched keys, rewrite only them.
 
         Inserted rows go to new files; files without a matched key are neither read in full nor rewritten.
@@ -712,13 +731,16 @@ class RsStorage(DeltaStorage):
             candidates = self._files_of(spec, table)
             if spec.partition_by:
                 candidates = [f for f in candidates if _partition_key(spec, f.partition_values) in parts]
+            if since:
+                column, value = since
+                candidates = [f for f in candidates if f.max_values.get(column) is None
+                              or f.max_values[column] >= value]
             touched = self._files_holding(spec, candidates, src.select(*keys).distinct())
             upserts = src if delete_flag is None else src.filter(~F.coalesce(F.col(delete_flag), F.lit(False)))
-            new_rows = upserts.select(*spec.columns)
-            if touched:
-                kept = self._read_files(spec, touched).join(src.select(*keys), keys, "left_anti")
-                new_rows = kept.unionByName(new_rows)
-            result = self._write_and_commit(spec, table, pin, new_rows, _removes(spec, touched), txn=txn)
+            parts = [upserts]
+            if touched:   # the rows these files keep are written apart from the upserts (see `clustered`)
+                parts.append(self._read_files(spec, touched).join(src.select(*keys), keys, "left_anti"))
+            result = self._write_and_commit(spec, table, pin, parts, _removes(spec, touched), txn=txn)
             log.info("merge %s: %d files rewritten, %d files added", spec.name, len(touched), result.files_added)
             return result
         finally:
@@ -734,7 +756,7 @@ class RsStorage(DeltaStorage):
         rows = self._read_files(spec, touched).persist()
         try:
             deleted = rows.join(keys, column, "left_semi").count()
-            self._write_and_commit(spec, table, pin, rows.join(keys, column, "left_anti"), _removes(spec, touched))
+            self._write_and_commit(spec, table, pin, [rows.join(keys, column, "left_anti")], _removes(spec, touched))
         finally:
             rows.unpersist()
         return deleted
@@ -943,10 +965,13 @@ class SparkDeltaStorage(DeltaStorage):
         return self._write(spec, lambda: self._save(spec, writer))
 
     def merge(self, spec: TableSpec, source: DataFrame, delete_flag: str | None = None,
-              txn: AppTxn | None = None, search: WhereValues | None = None) -> CommitResult:
+              txn: AppTxn | None = None, search: WhereValues | None = None,
+              since: tuple[str, dt.datetime] | None = None) -> CommitResult:
         src = source.persist()
         try:
             cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in spec.keys)
+            if since:   # Delta's data skipping then leaves older files out of the search
+                cond += f" AND t.`{since[0]}` >= {sql_literal(since[1])}"
             if spec.partition_by:  # explicit partition pruning: Delta reads only the touched partitions
                 parts = src.select(*spec.partition_by).distinct().collect()
                 for col in spec.partition_by:
