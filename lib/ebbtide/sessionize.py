@@ -415,11 +415,16 @@ class Sessionizer:
         affected = _stage(users.groupBy("user_id").agg(F.min("ts").alias("t0"))
                           .withColumn("user_bucket", user_bucket(n_buckets)))
         try:
-            buckets = sorted(r[0] for r in affected.select("user_bucket").distinct().collect())
+            found = affected.agg(F.collect_set("user_bucket").alias("buckets"),
+                                 F.unix_micros(F.min("t0")).alias("t0_us")).collect()[0]
+            buckets = sorted(found["buckets"])
             sessions = self.storage.read(specs["sessions"], where={"user_bucket": buckets})
             # The session in progress at the earliest changed event; if the event continues its chain (gap within
-            # the limit), recomputation restarts at the chain start, else at the event itself.
-            prev = (sessions.join(affected.select("user_id", "t0"), "user_id")
+            # the limit), recomputation restarts at the chain start, else at the event itself. Only a session that
+            # started less than a gap plus the longest session before t0 can continue: the literal bound lets
+            # Parquet skip the files of older sessions.
+            continuable = F.col("start_ts") >= _timestamp(found["t0_us"] or 0, -gap_us - max_us)
+            prev = (sessions.where(continuable).join(affected.select("user_id", "t0"), "user_id")
                     .where(F.col("start_ts") <= F.col("t0"))
                     .groupBy("user_id").agg(F.max_by(F.struct("chain_start_ts", "end_ts"), "start_ts").alias("p")))
             continues = (F.unix_micros("t0") - F.unix_micros("p.end_ts")) <= gap_us
@@ -430,7 +435,8 @@ class Sessionizer:
             with _phase("  affected users", run_date):   # one pass, which also fills the cache
                 # the date as events' partitions name it (Spark's session zone): a collected timestamp would be
                 # in the driver's local zone, a day off east of UTC
-                users = starts.agg(F.count("*").alias("n"), F.to_date(F.min("from_ts")).alias("first_day")).collect()[0]
+                users = starts.agg(F.count("*").alias("n"), F.to_date(F.min("from_ts")).alias("first_day"),
+                                   F.unix_micros(F.min("from_ts")).alias("from_us")).collect()[0]
             report.users_touched = users["n"]
             if not users["n"]:   # only items and dates to recount (a re-run after a killed run, say)
                 starts.unpersist()
@@ -444,13 +450,15 @@ class Sessionizer:
                 cut = _stage(sessionize_events(recent, gap_us, max_us))
             try:
                 new_sessions = session_rows(cut, n_buckets)
-                stale = (sessions.join(starts.select("user_id", "from_ts"), "user_id")
+                since = _timestamp(users["from_us"])   # no session the run replaces starts earlier
+                stale = (sessions.where(F.col("start_ts") >= since).join(starts.select("user_id", "from_ts"), "user_id")
                          .where(F.col("start_ts") >= F.col("from_ts"))
                          .join(new_sessions.select("user_id", "session_id"), ["user_id", "session_id"], "left_anti")
                          .select(*specs["sessions"].columns, F.lit(True).alias("_delete")))
                 upserts = new_sessions.withColumn("_delete", F.lit(False)).unionByName(stale)
                 with _phase("  sessions merge", run_date):
-                    self.storage.merge(specs["sessions"], upserts, delete_flag="_delete", txn=txn)
+                    self.storage.merge(specs["sessions"], upserts, delete_flag="_delete", txn=txn,
+                                       since=("start_ts", _utc(users["from_us"])))
                 with _phase("  sessions count", run_date):
                     report.sessions_written = new_sessions.count()
                 with _phase("  sequences", run_date):
@@ -469,7 +477,7 @@ class Sessionizer:
         conf, spec = self.conf, self.specs["user_sequences"]
         points = starts.select("user_id", "from_ts")
         previous = self.storage.read(spec, where={"user_bucket": buckets})
-        kept_old = _stored_before(previous.join(points, "user_id"))
+        stored = _stored_before(previous.join(points, "user_id"))
         before = (sessions.join(points, "user_id").where(F.col("start_ts") < F.col("from_ts")).groupBy("user_id")
                   .agg(F.sum("n_events").alias("n_before"), F.min("start_ts").alias("first_before"),
                        F.max("end_ts").alias("last_before")))
@@ -477,7 +485,7 @@ class Sessionizer:
                                                  F.max("ts").alias("last_fresh"))
         stats = (starts.select("user_id", "user_bucket").join(before, "user_id", "left")
                  .join(fresh_stats, "user_id", "left")
-                 .join(kept_old.groupBy("user_id").agg(F.count("*").alias("n_stored")), "user_id", "left")
+                 .join(stored.select("user_id", F.size("_stored").alias("n_stored")), "user_id", "left")
                  .fillna(0, ["n_before", "n_fresh", "n_stored"])).persist(MEMORY_AND_DISK)
         try:
             # A window can hold fewer earlier entries than it needs when events after the recompute point went
@@ -491,51 +499,70 @@ class Sessionizer:
                 gap_us, max_us = int(conf.session_gap_minutes * 60e6), int(conf.max_session_minutes * 60e6)
                 fresh_cut = cut.join(short, "user_id", "left_anti").unionByName(
                     sessionize_events(history, gap_us, max_us), allowMissingColumns=True)
-                kept_old = kept_old.join(short, "user_id", "left_anti")
-            rows = self._sequence_rows(kept_old, fresh_cut, stats)
+                stored = stored.join(short, "user_id", "left_anti")
+            rows = self._sequence_rows(stored, fresh_cut, stats)
             self.storage.merge(spec, rows, delete_flag="_delete", txn=txn)
         finally:
             stats.unpersist()
 
-    def _sequence_rows(self, kept_old: DataFrame, cut: DataFrame, stats: DataFrame) -> DataFrame:
+    def _sequence_rows(self, stored: DataFrame, cut: DataFrame, stats: DataFrame) -> DataFrame:
+        """Each user's window: the stored entries before the recompute point, then the fresh events in (ts,
+        event_id) order, of which the last max_len are kept. Array functions on one row per user: the stored
+        entries are never exploded or sorted again."""
         conf = self.conf
         vocab = self.storage.read(self.specs["item_vocab"]).select("item_id", "item_idx")
         type_codes = F.array(*[F.lit(t) for t in conf.event_types])
-        fresh = (cut.join(vocab, "item_id").select(
-            "user_id", F.unix_micros("ts").alias("order_us"), F.col("event_id").alias("tie"), "item_idx",
-            F.unix_seconds("ts").alias("ts_s"),
-            (F.array_position(type_codes, F.col("event_type")) - 1).cast("int").alias("etype"),
-            F.col("weight").cast("float").alias("weight"), F.col("session_id").alias("skey")))
-        both = kept_old.unionByName(fresh)
-        latest = Window.partitionBy("user_id").orderBy(F.desc("order_us"), F.desc("tie"))
-        window = both.withColumn("_rn", F.row_number().over(latest)).where(F.col("_rn") <= conf.max_len)
-        window = window.withColumn("_sfirst", F.min("order_us").over(Window.partitionBy("user_id", "skey")))
-        window = window.withColumn("session_idx", (F.dense_rank().over(
-            Window.partitionBy("user_id").orderBy("_sfirst", "skey")) - 1).cast("int"))
-        seq = window.groupBy("user_id").agg(F.array_sort(F.collect_list(F.struct(
-            "order_us", "tie", "item_idx", "ts_s", "etype", "session_idx", "weight"))).alias("_e"))
+        fresh = cut.join(vocab, "item_id").groupBy("user_id").agg(F.array_sort(F.collect_list(F.struct(
+            F.unix_micros("ts").alias("order_us"), "event_id", "item_idx", F.unix_seconds("ts").alias("ts"),
+            (F.array_position(type_codes, F.col("event_type")) - 1).cast("int").alias("event_type"),
+            F.col("session_ordinal").alias("session_idx"), F.col("weight").cast("float").alias("weight"))))
+            .alias("_fresh"))
+        none = F.array().cast(stored.schema["_stored"].dataType)
+        old = F.coalesce(F.col("_stored"), none)
+        # Fresh sessions are numbered after the stored ones (they start after the recompute point, so the two
+        # never share a session).
+        offset = F.coalesce(F.col("_next_session"), F.lit(0))
+        new = F.transform(F.coalesce(F.col("_fresh"), F.array()), lambda e: F.struct(
+            *[(e[c] + offset).alias(c) if c == "session_idx" else e[c].alias(c) for c in SEQUENCE_ENTRY]))
+        both = F.concat(old, new)
+        window = (stats.join(stored, "user_id", "left").join(fresh, "user_id", "left")
+                  .withColumn("_w", F.slice(both, F.greatest(F.size(both) - conf.max_len + 1, F.lit(1)),
+                                            conf.max_len)))
+        # session_idx counts sessions inside the window: 0 is the oldest one the window (partly) holds. _w is
+        # referenced twice, so Spark computes it once instead of once per entry.
+        first = F.element_at("_w", 1)["session_idx"]
+        arrays = {c: F.transform("_w", _field(c)) for c in SEQUENCE_ENTRY}
+        arrays["session_idx"] = F.transform("_w", lambda e: e["session_idx"] - first)
         n_events = (F.col("n_before") + F.col("n_fresh")).cast("long")
-        return stats.join(seq, "user_id", "left").select(
-            "user_id",
-            F.col("_e.item_idx").alias("item_idx"), F.col("_e.ts_s").alias("ts"),
-            F.col("_e.etype").alias("event_type"), F.col("_e.session_idx").alias("session_idx"),
-            F.col("_e.weight").alias("weight"), n_events.alias("n_events"),
+        return window.select(
+            "user_id", *[arrays[c].alias(c) for c in SEQUENCE_ENTRY], n_events.alias("n_events"),
             F.least("first_before", "first_fresh").alias("first_ts"),
             F.greatest("last_before", "last_fresh").alias("last_ts"),
             "user_bucket", (n_events == 0).alias("_delete"))
 
 
+SEQUENCE_ENTRY = ("item_idx", "ts", "event_type", "session_idx", "weight")   # user_sequences' parallel arrays
+
+
 def _stored_before(old: DataFrame) -> DataFrame:
-    """Entries of the stored sequences before each user's recompute point; their session keys stay distinct from
-    the fresh ones."""
-    return (old.select("user_id", "from_ts", F.posexplode(F.arrays_zip(
-        "item_idx", "ts", "event_type", "session_idx", "weight")).alias("pos", "e"))
-        .where(F.col("e.ts") < F.unix_seconds("from_ts"))
-        .select("user_id", (F.col("e.ts") * 1_000_000).alias("order_us"),
-                F.format_string("%08d", "pos").alias("tie"), F.col("e.item_idx").alias("item_idx"),
-                F.col("e.ts").alias("ts_s"), F.col("e.event_type").alias("etype"),
-                F.col("e.weight").alias("weight"),
-                F.concat(F.lit("o"), F.col("e.session_idx").cast("string")).alias("skey")))
+    """Each user's stored entries before the recompute point, in order, as one array of entries, and the number
+    the next session gets (computed here, below a join, so that Spark does not inline it into a per-entry lambda)."""
+    entries = F.arrays_zip(*[F.col(c) for c in SEQUENCE_ENTRY])
+    kept = old.select("user_id", F.filter(entries, lambda e: e["ts"] < F.unix_seconds("from_ts")).alias("_stored"))
+    return kept.withColumn("_next_session", F.array_max(F.transform("_stored", _field("session_idx"))) + 1)
+
+
+def _field(name: str):
+    return lambda e: e[name]
+
+
+def _utc(micros: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=micros)
+
+
+def _timestamp(micros: int, shift_us: int = 0) -> Column:
+    """A timestamp literal from epoch microseconds (a collected timestamp would be in the driver's local zone)."""
+    return F.timestamp_micros(F.lit(micros + shift_us))
 
 
 def sessionize_events(events: DataFrame, gap_us: int, max_us: int) -> DataFrame:
@@ -550,6 +577,7 @@ def sessionize_events(events: DataFrame, gap_us: int, max_us: int) -> DataFrame:
     df = df.withColumn("_chunk", F.floor((micros - F.unix_micros("chain_start_ts")) / max_us))
     df = df.withColumn("_new_session", F.col("_new_chain") | (F.col("_chunk") != F.lag("_chunk").over(w)))
     df = df.withColumn("session_start_ts", F.max(F.when(F.col("_new_session"), F.col("ts"))).over(running))
+    df = df.withColumn("session_ordinal", (F.sum(F.col("_new_session").cast("int")).over(running) - 1).cast("int"))
     session_id = F.substring(F.sha2(F.concat_ws("|", "user_id", F.unix_micros("session_start_ts").cast("string")),
                                     256), 1, 24)
     return df.withColumn("session_id", session_id).drop("_new_chain", "_chunk", "_new_session")
