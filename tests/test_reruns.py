@@ -201,6 +201,25 @@ def test_an_event_id_redelivered_with_a_corrected_timestamp_is_kept_once(env, sp
     assert sequence(storage, cfg, "u1").n_events == 2
 
 
+def test_the_dedup_lookback_bounds_where_earlier_copies_are_looked_for(spark, make_config, tmp_path):
+    """A copy with the same timestamp lies in its own event_date; a copy whose timestamp was corrected by more days
+    than sessionize.dedup_lookback_days is not looked for (documented), by fewer it is; null searches everything."""
+    raw = tmp_path / "raw"
+    write_day(raw, D[0], [ev("u1", "a", f"{D[0]}T12:00:00Z", event_id="e1")])
+    write_day(raw, D[3], [ev("u1", "a", f"{D[2]}T12:00:00Z", event_id="e1"), ev("u2", "b", f"{D[3]}T09:00:00Z")])
+    kept = {}
+    for lookback in (1, 2, None):
+        cfg = make_config(sessionize__input=str(raw), storage__user_buckets=2, storage__root=str(tmp_path / f"{lookback}"),
+                          sessionize__dedup_lookback_days=lookback)
+        storage = open_storage(spark, cfg.storage)
+        job = Sessionizer(spark, cfg, storage)
+        job.run(D[0])
+        job.run(D[3])
+        kept[lookback] = sorted(r.event_date for r in storage.read(table_specs(cfg)["events"]).collect()
+                                if r.event_id == "e1")
+    assert kept == {1: [D[0], D[2]], 2: [D[0]], None: [D[0]]}
+
+
 def test_rerun_with_corrected_input_replaces_that_dates_events(env):
     """Bug 7: a corrected input could never be re-run (read 1 != kept 2); old events were never removed."""
     raw, cfg, storage, job = env

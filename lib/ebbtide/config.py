@@ -134,6 +134,11 @@ class SessionizeConf(_Strict):
     # A day folder without a single record is refused (an empty delivery would otherwise erase that day's events);
     # set true to accept it and make the day empty.
     allow_empty_input: bool = False
+    # Where a run looks for earlier copies of its event ids (a redelivery): the event_date partitions within this many
+    # days of the batch's own event dates. A copy with the same timestamp always lies in its own date, so only a
+    # copy whose timestamp was corrected by more than this is missed (both copies are then kept). null searches the
+    # whole table: exact, but every run then reads every event id ever kept (cost grows with history).
+    dedup_lookback_days: int | None = Field(7, ge=0)
 
     @field_validator("event_types")
     @classmethod

@@ -303,13 +303,16 @@ class Sessionizer:
         ranked = valid.withColumn("_copy", F.row_number().over(in_batch)).withColumn(
             "ingest_date", F.lit(run_date))
         batch = _stage(ranked.where(F.col("_copy") == 1).select(*EVENT_COLUMNS))
-        report.duplicates_in_batch = valid.count() - batch.count()
-        # Ids an earlier run of this date kept or parked: the input may have withdrawn them.
-        earlier_run = (self.storage.read(events).where(F.col("ingest_date") == F.lit(run_date)).select("event_id")
+        shape = batch.agg(F.count("*").alias("n"), F.collect_set("event_date").alias("dates")).collect()[0]
+        report.duplicates_in_batch = valid.count() - shape["n"]
+        # Ids an earlier run of this date kept or parked: the input may have withdrawn them. (ingest_date is in
+        # every file's statistics: Parquet skips the files other dates' runs wrote.)
+        this_date = self.storage.read(events).where(F.col("ingest_date") == F.lit(run_date))
+        earlier_run = (this_date.select("event_id")
                        .unionByName(self.storage.read(redeliveries, where={"ingest_date": [run_date]})
                                     .select("event_id")))
         affected = _stage(batch.select("event_id").unionByName(earlier_run).distinct())
-        kept = _stage(self.storage.read_matching(events, affected))
+        kept = _stage(self._kept_copies(affected, this_date, shape["dates"], run_date))
         parked = _stage(self.storage.read_matching(redeliveries, affected))
         # Every copy of the affected ids after this run: other dates' copies (a copy that took over may be in both
         # tables, see below), and this run's.
@@ -342,6 +345,21 @@ class Sessionizer:
                      sorted(summary["old_dates"]),
                      [affected, kept, parked, ranked_copies, events_changes, replaced, redelivery_changes]
                      + ([residue] if residue is not None else []))
+
+    def _kept_copies(self, affected: DataFrame, this_date: DataFrame, batch_dates: list[dt.date],
+                     run_date: dt.date) -> DataFrame:
+        """The kept copies of the affected ids: this date's own, wherever they are, and other dates' copies in the
+        event_date partitions within sessionize.dedup_lookback_days of the batch's event dates (the whole table
+        when that is null)."""
+        events, lookback = self.specs["events"], self.conf.dedup_lookback_days
+        if lookback is None:
+            return self.storage.read_matching(events, affected)
+        near = {d + dt.timedelta(days=k) for d in batch_dates for k in range(-lookback, lookback + 1)}
+        window = sorted(near & set(self.storage.partition_values(events, "event_date")))
+        if not window:
+            return this_date
+        others = self.storage.read_matching(events, affected, where={"event_date": window})
+        return this_date.unionByName(others.where(F.col("ingest_date") != F.lit(run_date)))
 
     def _residue(self, run_date: dt.date) -> DataFrame | None:
         """What runs of this date that did not land (killed, failed) did to the tables derived from `events`, as
@@ -423,6 +441,8 @@ class Sessionizer:
             # the limit), recomputation restarts at the chain start, else at the event itself. Only a session that
             # started less than a gap plus the longest session before t0 can continue: the literal bound lets
             # Parquet skip the files of older sessions.
+            # (Sessions cut under a larger max_session_minutes than this run's may start earlier and still
+            # continue: a changed session setting applies to what is recomputed from then on.)
             continuable = F.col("start_ts") >= _timestamp(found["t0_us"] or 0, -gap_us - max_us)
             prev = (sessions.where(continuable).join(affected.select("user_id", "t0"), "user_id")
                     .where(F.col("start_ts") <= F.col("t0"))
@@ -450,15 +470,16 @@ class Sessionizer:
                 cut = _stage(sessionize_events(recent, gap_us, max_us))
             try:
                 new_sessions = session_rows(cut, n_buckets)
-                since = _timestamp(users["from_us"])   # no session the run replaces starts earlier
-                stale = (sessions.where(F.col("start_ts") >= since).join(starts.select("user_id", "from_ts"), "user_id")
+                since = _utc(users["from_us"])   # no session the run replaces or deletes starts earlier
+                stale = (sessions.where(F.col("start_ts") >= F.lit(since)).join(starts.select("user_id", "from_ts"),
+                                                                              "user_id")
                          .where(F.col("start_ts") >= F.col("from_ts"))
                          .join(new_sessions.select("user_id", "session_id"), ["user_id", "session_id"], "left_anti")
                          .select(*specs["sessions"].columns, F.lit(True).alias("_delete")))
                 upserts = new_sessions.withColumn("_delete", F.lit(False)).unionByName(stale)
                 with _phase("  sessions merge", run_date):
                     self.storage.merge(specs["sessions"], upserts, delete_flag="_delete", txn=txn,
-                                       since=("start_ts", _utc(users["from_us"])))
+                                       since=("start_ts", since))
                 with _phase("  sessions count", run_date):
                     report.sessions_written = new_sessions.count()
                 with _phase("  sequences", run_date):
@@ -512,13 +533,16 @@ class Sessionizer:
         conf = self.conf
         vocab = self.storage.read(self.specs["item_vocab"]).select("item_id", "item_idx")
         type_codes = F.array(*[F.lit(t) for t in conf.event_types])
+        # Only a user's last max_len fresh events can enter the window (a user rebuilt from a long history must
+        # not become one huge row); Spark applies this limit per group before the shuffle.
+        latest = Window.partitionBy("user_id").orderBy(F.desc("ts"), F.desc("event_id"))
+        cut = cut.withColumn("_rn", F.row_number().over(latest)).where(F.col("_rn") <= conf.max_len)
         fresh = cut.join(vocab, "item_id").groupBy("user_id").agg(F.array_sort(F.collect_list(F.struct(
             F.unix_micros("ts").alias("order_us"), "event_id", "item_idx", F.unix_seconds("ts").alias("ts"),
             (F.array_position(type_codes, F.col("event_type")) - 1).cast("int").alias("event_type"),
             F.col("session_ordinal").alias("session_idx"), F.col("weight").cast("float").alias("weight"))))
             .alias("_fresh"))
-        none = F.array().cast(stored.schema["_stored"].dataType)
-        old = F.coalesce(F.col("_stored"), none)
+        old = F.coalesce(F.col("_stored"), F.array())
         # Fresh sessions are numbered after the stored ones (they start after the recompute point, so the two
         # never share a session).
         offset = F.coalesce(F.col("_next_session"), F.lit(0))
@@ -530,7 +554,7 @@ class Sessionizer:
                                             conf.max_len)))
         # session_idx counts sessions inside the window: 0 is the oldest one the window (partly) holds. _w is
         # referenced twice, so Spark computes it once instead of once per entry.
-        first = F.element_at("_w", 1)["session_idx"]
+        first = F.try_element_at("_w", F.lit(1))["session_idx"]
         arrays = {c: F.transform("_w", _field(c)) for c in SEQUENCE_ENTRY}
         arrays["session_idx"] = F.transform("_w", lambda e: e["session_idx"] - first)
         n_events = (F.col("n_before") + F.col("n_fresh")).cast("long")

@@ -129,7 +129,8 @@ def clustered(spec: TableSpec, *parts: DataFrame) -> DataFrame:
     """Lay rows out for writing: shuffle by partition where asked, cluster by sort keys inside each file. Each part
     is laid out on its own, so its rows never share a file with another part's: a MERGE writes the rows it keeps
     from rewritten files apart from the rows it inserts, which keeps the table's layout (a file of yesterday's
-    sessions stays one, with tight statistics, instead of growing into one file of the whole history)."""
+    sessions stays one, with tight statistics, instead of growing into one file of the whole history). This rests
+    on Spark's union keeping its children's partitions apart (4.0; test_storage checks it)."""
     return functools.reduce(DataFrame.union, [_laid_out(spec, part) for part in parts])
 
 
@@ -478,7 +479,7 @@ class RsStorage(DeltaStorage):
         by_name = {_file_key(f.path): f for f in files}
         scan = (self.spark.read.schema(spec.data_schema).parquet(*[_spark_uri(f.path) for f in files])
                 .select(*columns, F.col("_metadata.file_path").alias("_uri")))
-        hits = scan.join(keys.select(*columns).distinct(), columns, "left_semi").select("_uri").distinct().collect()
+        hits = scan.join(keys.select(*columns), columns, "left_semi").select("_uri").distinct().collect()
         # One key for a file whatever the URI's spelling (file:/x, file:///x, /x) or escaping (percent-encoded)
         names = {unquote(re.sub(_SCHEME_RE, "", r["_uri"])) for r in hits}
         unknown = [n for n in names if n not in by_name]
@@ -575,7 +576,7 @@ class RsStorage(DeltaStorage):
 
     def _write_and_commit(self, spec: TableSpec, table, pin: _Pin, parts: list[DataFrame], removes: list | None = None,
                           before_commit=None, **commit_args) -> CommitResult:
-        """Write df's files and commit them with `removes`; a write that is not committed leaves no files behind
+        """Write the parts' files (see `clustered`) and commit them with `removes`; a write that is not committed leaves no files behind
         (unless the process is killed: vacuum removes those)."""
         out, adds = self._write_files(spec, parts)
         try:
@@ -723,14 +724,15 @@ class RsStorage(DeltaStorage):
         keys = list(spec.keys)
         src = source.persist()
         try:
-            parts = None
+            searched = None
             if spec.partition_by:
-                parts = {_partition_key(spec, r.asDict()) for r in src.select(*spec.partition_by).distinct().collect()}
-                parts |= self._partition_keys(spec, search) or set()
-            table, pin = self._begin(spec, parts)   # the snapshot this merge reads; the commit is checked against it
+                searched = {_partition_key(spec, r.asDict())
+                            for r in src.select(*spec.partition_by).distinct().collect()}
+                searched |= self._partition_keys(spec, search) or set()
+            table, pin = self._begin(spec, searched)   # the snapshot this merge reads; the commit is checked against it
             candidates = self._files_of(spec, table)
             if spec.partition_by:
-                candidates = [f for f in candidates if _partition_key(spec, f.partition_values) in parts]
+                candidates = [f for f in candidates if _partition_key(spec, f.partition_values) in searched]
             if since:
                 column, value = since
                 candidates = [f for f in candidates if f.max_values.get(column) is None
