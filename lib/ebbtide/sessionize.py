@@ -40,7 +40,7 @@ from ebbtide.rawlogs import (  # noqa: F401  (re-exported: the job's public name
 )
 from ebbtide.runs import sessionize_app_id
 from ebbtide.spark import count_spark_jobs
-from ebbtide.storage import AppTxn, DeltaStorage
+from ebbtide.storage import BROADCAST_KEYS_MAX, AppTxn, DeltaStorage
 from ebbtide.tables import EVENTS_SCHEMA, TableSpec, table_specs
 
 log = logging.getLogger(__name__)
@@ -311,23 +311,32 @@ class Sessionizer:
         earlier_run = (this_date.select("event_id")
                        .unionByName(self.storage.read(redeliveries, where={"ingest_date": [run_date]})
                                     .select("event_id")))
-        affected = _stage(batch.select("event_id").unionByName(earlier_run).distinct())
+        # Only semi/anti-joined, so an id in both parts does no harm (no shuffle to make it distinct).
+        affected = batch.select("event_id").unionByName(earlier_run)
         kept = _stage(self._kept_copies(affected, this_date, shape["dates"], run_date))
         parked = _stage(self.storage.read_matching(redeliveries, affected))
-        # Every copy of the affected ids after this run: other dates' copies (a copy that took over may be in both
+        # Most ids have no other copy: their batch copy enters `events` as it is. Only the contested ones (a kept
+        # or parked copy exists) are ranked and compared; broadcast when few, so the batch is not shuffled.
+        contested = _stage(kept.select("event_id").unionByName(parked.select("event_id")).distinct())
+        ids = F.broadcast(contested) if contested.count() <= BROADCAST_KEYS_MAX else contested
+        fresh = batch.join(ids, "event_id", "left_anti")
+        # Every copy of the contested ids after this run: other dates' copies (a copy that took over may be in both
         # tables, see below), and this run's.
         copy_key = ["event_id", "ingest_date"]
         copies = (kept.unionByName(parked.join(kept.select(*copy_key), copy_key, "left_anti"))
-                  .where(F.col("ingest_date") != F.lit(run_date)).unionByName(batch))
+                  .where(F.col("ingest_date") != F.lit(run_date))
+                  .unionByName(batch.join(ids, "event_id", "left_semi")))
         by_ingest = Window.partitionBy("event_id").orderBy("ingest_date")
         ranked_copies = _stage(copies.withColumn("_rank", F.row_number().over(by_ingest)))
-        winners = ranked_copies.where(F.col("_rank") == 1).select(*EVENT_COLUMNS)
+        rivals_won = ranked_copies.where(F.col("_rank") == 1).select(*EVENT_COLUMNS)
         losers = ranked_copies.where(F.col("_rank") > 1).select(*EVENT_COLUMNS)
-        events_changes, replaced = _changes(winners, kept, ["event_id"])
-        events_changes, replaced = _stage(events_changes), _stage(replaced)
+        changes, replaced = _changes(rivals_won, kept, ["event_id"])
+        events_changes = _stage(changes.unionByName(fresh.withColumn("_delete", F.lit(False))))
+        replaced = _stage(replaced)
+        winners = fresh.unionByName(rivals_won)
         # A parked copy that takes over stays parked until the events commit has landed: a run killed between the
         # two commits must find it again (the next run that touches the id removes it from event_redeliveries).
-        taking_over = (winners.join(parked.select(*copy_key), copy_key, "left_semi")
+        taking_over = (rivals_won.join(parked.select(*copy_key), copy_key, "left_semi")
                        .join(kept.select(*copy_key), copy_key, "left_anti"))
         redelivery_changes = _stage(_changes(losers.unionByName(taking_over), parked, copy_key)[0])
         # What is derived from `events` changes only where rows enter or leave it: a winner identical to its kept
@@ -338,12 +347,12 @@ class Sessionizer:
             events_changes.where(~F.col("_delete")).select(*EVENT_COLUMNS)
         touched = entering.unionByName(replaced).select(*_TOUCHED)
         touched = touched if residue is None else touched.unionByName(residue)
-        summary = _summarize(touched, replaced, winners, run_date)
+        summary = _summarize(touched, replaced, rivals_won, run_date)   # only contested ids can leave
         report.superseded_later, report.withdrawn = summary["superseded"] or 0, summary["withdrawn"] or 0
         dates = sorted(summary["dates"])
         return _Plan(affected, winners, events_changes, redelivery_changes, touched, dates,
                      sorted(summary["old_dates"]),
-                     [affected, kept, parked, ranked_copies, events_changes, replaced, redelivery_changes]
+                     [batch, kept, parked, contested, ranked_copies, events_changes, replaced, redelivery_changes]
                      + ([residue] if residue is not None else []))
 
     def _kept_copies(self, affected: DataFrame, this_date: DataFrame, batch_dates: list[dt.date],

@@ -462,30 +462,39 @@ class RsStorage(DeltaStorage):
         return sorted({f.partition_values[column] for f in self._snapshot(spec, None, None)} - {None})
 
     def read_matching(self, spec: TableSpec, keys: DataFrame, where: WhereValues | None = None) -> DataFrame:
-        files = self._snapshot(spec, None, where)
-        keys = keys.distinct()
-        return self._read_files(spec, self._files_holding(spec, files, keys)).join(keys, keys.columns, "left_semi")
+        files = self._snapshot(spec, None, where)   # keys may repeat: they are only semi-joined
+        holding, matched = self._key_hits(spec, files, keys)
+        return self._read_files(spec, holding).join(matched, keys.columns, "left_semi")
 
     def _files_holding(self, spec: TableSpec, files: list[ActiveFile], keys: DataFrame) -> list[ActiveFile]:
+        return self._key_hits(spec, files, keys)[0]
+
+    def _key_hits(self, spec: TableSpec, files: list[ActiveFile], keys: DataFrame) -> tuple[list[ActiveFile],
+                                                                                              DataFrame]:
         """The files holding a row whose key matches `keys` on its data columns (a partition column in the key
-        leaves a superset, which the callers' joins on the whole key make exact): a scan of those columns only.
+        leaves a superset, which the callers' joins on the whole key make exact), found by a scan of those columns
+        only; and the keys to pick those files' rows by: the ones that matched, broadcast when few (as a rule:
+        the day's redeliveries), so that the picking shuffles neither the files' rows nor all of `keys`.
         Each row carries Spark's file URI as it is; only the distinct hits are decoded, here on the driver
         (decoding it in every row, and carrying the decoded form through the join, cost 7x the scan)."""
-        if not files:
-            return []
         columns = [c for c in keys.columns if c not in spec.partition_by]
-        if not columns:
-            return list(files)
+        if not files or not columns:
+            return list(files), keys
         by_name = {_file_key(f.path): f for f in files}
         scan = (self.spark.read.schema(spec.data_schema).parquet(*[_spark_uri(f.path) for f in files])
                 .select(*columns, F.col("_metadata.file_path").alias("_uri")))
-        hits = scan.join(keys.select(*columns), columns, "left_semi").select("_uri").distinct().collect()
+        hits = scan.join(keys.select(*columns), columns, "left_semi").localCheckpoint(eager=True)
+        per_file = hits.groupBy("_uri").count().collect()
         # One key for a file whatever the URI's spelling (file:/x, file:///x, /x) or escaping (percent-encoded)
-        names = {unquote(re.sub(_SCHEME_RE, "", r["_uri"])) for r in hits}
+        names = {unquote(re.sub(_SCHEME_RE, "", r["_uri"])) for r in per_file}
         unknown = [n for n in names if n not in by_name]
         if unknown:  # a path spelled differently than the log's: matching rows would be missed, so stop here
             raise StorageError(f"{spec.name}: cannot map scanned files {sorted(unknown)[:3]} back to the Delta log")
-        return [by_name[n] for n in sorted(names)]
+        matched = keys
+        if len(columns) == len(keys.columns):
+            found = hits.select(*columns)
+            matched = F.broadcast(found) if sum(r["count"] for r in per_file) <= BROADCAST_KEYS_MAX else found
+        return [by_name[n] for n in sorted(names)], matched
 
     def _read_files(self, spec: TableSpec, files: list[ActiveFile]) -> DataFrame:
         """Read exactly these files; partition values come from the Delta log, not from folder names."""
@@ -1092,6 +1101,7 @@ def open_storage(spark: SparkSession, conf: StorageConf) -> DeltaStorage:
 _SCHEME_RE = r"^[a-zA-Z][a-zA-Z0-9+.-]*:/*|^/+"
 # Above this many partitions in one read, partition values are attached by a broadcast join on the file path.
 _LITERAL_PARTITIONS_MAX = 64
+BROADCAST_KEYS_MAX = 1_000_000   # matched keys broadcast to pick rows from the files holding them (~40 MB)
 # A commit retried on top of this many newer versions in a row gives up (each retry re-checks for conflicts).
 _MAX_REBASES = 20
 # Files no commit references are deleted by vacuum only once this old, whatever retention is asked for: a
