@@ -125,9 +125,9 @@ def test_a_merge_promised_a_lower_bound_searches_only_files_that_reach_it(store,
     store.append(SPEC, frame([("a", 1, old)]))
     store.append(SPEC, frame([("b", 2, TS)]))
     searched = []
-    holding = store._files_holding
-    monkeypatch.setattr(store, "_files_holding", lambda spec, files, keys: searched.extend(files) or
-                        holding(spec, files, keys))
+    hits = store._key_hits
+    monkeypatch.setattr(store, "_key_hits", lambda spec, files, keys: searched.extend(files) or
+                        hits(spec, files, keys))
     result = store.merge(SPEC, frame([("b", 20, TS), ("c", 3, TS)]), since=("ts", TS))
     assert contents(store) == [("a", 1, D1), ("b", 20, D1), ("c", 3, D1)]
     assert len(searched) == 1 and searched[0].max_values["ts"] >= TS   # a's file (max = old) was not searched

@@ -442,7 +442,7 @@ class Sessionizer:
         affected = _stage(users.groupBy("user_id").agg(F.min("ts").alias("t0"))
                           .withColumn("user_bucket", user_bucket(n_buckets)))
         try:
-            found = affected.agg(F.collect_set("user_bucket").alias("buckets"),
+            found = affected.agg(F.count("*").alias("n"), F.collect_set("user_bucket").alias("buckets"),
                                  F.unix_micros(F.min("t0")).alias("t0_us")).collect()[0]
             buckets = sorted(found["buckets"])
             sessions = self.storage.read(specs["sessions"], where={"user_bucket": buckets})
@@ -452,8 +452,8 @@ class Sessionizer:
             # Parquet skip the files of older sessions.
             # (Sessions cut under a larger max_session_minutes than this run's may start earlier and still
             # continue: a changed session setting applies to what is recomputed from then on.)
-            continuable = F.col("start_ts") >= _timestamp(found["t0_us"] or 0, -gap_us - max_us)
-            prev = (sessions.where(continuable).join(affected.select("user_id", "t0"), "user_id")
+            continuable = F.col("start_ts") >= F.lit(_utc((found["t0_us"] or 0) - gap_us - max_us))
+            prev = (sessions.where(continuable).join(_few(affected.select("user_id", "t0"), found["n"]), "user_id")
                     .where(F.col("start_ts") <= F.col("t0"))
                     .groupBy("user_id").agg(F.max_by(F.struct("chain_start_ts", "end_ts"), "start_ts").alias("p")))
             continues = (F.unix_micros("t0") - F.unix_micros("p.end_ts")) <= gap_us
@@ -473,15 +473,14 @@ class Sessionizer:
             # Every event from the recompute point on, up to the user's last: partitions after the run date too.
             existing = self.storage.partition_values(specs["events"], "event_date")
             window = sorted(d for d in set(existing) | set(plan.dates) if d >= users["first_day"])
-            recent = (self._events_after(plan, window).join(starts.select("user_id", "from_ts"), "user_id")
-                      .where(F.col("ts") >= F.col("from_ts")))
+            points = _few(starts.select("user_id", "from_ts"), users["n"])
+            recent = self._events_after(plan, window).join(points, "user_id").where(F.col("ts") >= F.col("from_ts"))
             with _phase("  cut sessions", run_date):
                 cut = _stage(sessionize_events(recent, gap_us, max_us))
             try:
                 new_sessions = session_rows(cut, n_buckets)
                 since = _utc(users["from_us"])   # no session the run replaces or deletes starts earlier
-                stale = (sessions.where(F.col("start_ts") >= F.lit(since)).join(starts.select("user_id", "from_ts"),
-                                                                              "user_id")
+                stale = (sessions.where(F.col("start_ts") >= F.lit(since)).join(points, "user_id")
                          .where(F.col("start_ts") >= F.col("from_ts"))
                          .join(new_sessions.select("user_id", "session_id"), ["user_id", "session_id"], "left_anti")
                          .select(*specs["sessions"].columns, F.lit(True).alias("_delete")))
@@ -492,20 +491,19 @@ class Sessionizer:
                 with _phase("  sessions count", run_date):
                     report.sessions_written = new_sessions.count()
                 with _phase("  sequences", run_date):
-                    self._update_sequences(plan, cut, starts, sessions, buckets, existing, txn)
+                    self._update_sequences(plan, cut, starts, points, sessions, buckets, existing, txn)
             finally:
                 cut.unpersist()
                 starts.unpersist()
         finally:
             affected.unpersist()
 
-    def _update_sequences(self, plan: _Plan, cut: DataFrame, starts: DataFrame, sessions: DataFrame,
-                          buckets: list[int], existing: list[dt.date], txn: AppTxn) -> None:
+    def _update_sequences(self, plan: _Plan, cut: DataFrame, starts: DataFrame, points: DataFrame,
+                          sessions: DataFrame, buckets: list[int], existing: list[dt.date], txn: AppTxn) -> None:
         """Sequences of the recomputed users: their stored entries before the recompute point, then the fresh
         ones. Counters come from the sessions before that point plus the fresh events: n_events is the number of
         the user's events in `events`, whatever happened to earlier runs."""
         conf, spec = self.conf, self.specs["user_sequences"]
-        points = starts.select("user_id", "from_ts")
         previous = self.storage.read(spec, where={"user_bucket": buckets})
         stored = _stored_before(previous.join(points, "user_id"))
         before = (sessions.join(points, "user_id").where(F.col("start_ts") < F.col("from_ts")).groupBy("user_id")
@@ -585,17 +583,20 @@ def _stored_before(old: DataFrame) -> DataFrame:
     return kept.withColumn("_next_session", F.array_max(F.transform("_stored", _field("session_idx"))) + 1)
 
 
+def _few(users: DataFrame, n: int) -> DataFrame:
+    """Per-user frames (a row per touched user) are broadcast to the joins with stored rows when they are few enough:
+    then the stored sequences and sessions are never shuffled."""
+    return F.broadcast(users) if n <= BROADCAST_KEYS_MAX else users
+
+
 def _field(name: str):
     return lambda e: e[name]
 
 
 def _utc(micros: int) -> dt.datetime:
+    """An instant from epoch microseconds collected from Spark (a collected timestamp would be naive, in the
+    driver's local zone)."""
     return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=micros)
-
-
-def _timestamp(micros: int, shift_us: int = 0) -> Column:
-    """A timestamp literal from epoch microseconds (a collected timestamp would be in the driver's local zone)."""
-    return F.timestamp_micros(F.lit(micros + shift_us))
 
 
 def sessionize_events(events: DataFrame, gap_us: int, max_us: int) -> DataFrame:

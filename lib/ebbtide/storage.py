@@ -125,20 +125,13 @@ def where_sql(where: WhereValues) -> str:
         f"`{col}` IN ({', '.join(sql_literal(v) for v in values)})" for col, values in where.items())
 
 
-def clustered(spec: TableSpec, *parts: DataFrame) -> DataFrame:
-    """Lay rows out for writing: shuffle by partition where asked, cluster by sort keys inside each file. Each part
-    is laid out on its own, so its rows never share a file with another part's: a MERGE writes the rows it keeps
-    from rewritten files apart from the rows it inserts, which keeps the table's layout (a file of yesterday's
-    sessions stays one, with tight statistics, instead of growing into one file of the whole history). This rests
-    on Spark's union keeping its children's partitions apart (4.0; test_storage checks it)."""
-    return functools.reduce(DataFrame.union, [_laid_out(spec, part) for part in parts])
-
-
-def _laid_out(spec: TableSpec, df: DataFrame) -> DataFrame:
+def clustered(spec: TableSpec, df: DataFrame, shuffle: bool = True) -> DataFrame:
+    """Lay rows out for writing: shuffle by partition where asked (not for rows that already sit one partition to
+    a task, as rows kept from a file do), cluster by sort keys inside each file."""
     out = df.select(*spec.columns)
     if spec.max_files:
         out = out.coalesce(spec.max_files)
-    if spec.shuffle_by_partition and spec.partition_by:
+    if shuffle and spec.shuffle_by_partition and spec.partition_by:
         out = out.repartition(*spec.partition_by)
     if spec.sort_by:
         out = out.sortWithinPartitions(*spec.partition_by, *spec.sort_by)
@@ -463,23 +456,24 @@ class RsStorage(DeltaStorage):
 
     def read_matching(self, spec: TableSpec, keys: DataFrame, where: WhereValues | None = None) -> DataFrame:
         files = self._snapshot(spec, None, where)   # keys may repeat: they are only semi-joined
-        holding, matched = self._key_hits(spec, files, keys)
+        holding, matched, _ = self._key_hits(spec, files, keys)
         return self._read_files(spec, holding).join(matched, keys.columns, "left_semi")
 
     def _files_holding(self, spec: TableSpec, files: list[ActiveFile], keys: DataFrame) -> list[ActiveFile]:
         return self._key_hits(spec, files, keys)[0]
 
-    def _key_hits(self, spec: TableSpec, files: list[ActiveFile], keys: DataFrame) -> tuple[list[ActiveFile],
-                                                                                              DataFrame]:
+    def _key_hits(self, spec: TableSpec, files: list[ActiveFile],
+                  keys: DataFrame) -> tuple[list[ActiveFile], DataFrame, bool]:
         """The files holding a row whose key matches `keys` on its data columns (a partition column in the key
         leaves a superset, which the callers' joins on the whole key make exact), found by a scan of those columns
-        only; and the keys to pick those files' rows by: the ones that matched, broadcast when few (as a rule:
-        the day's redeliveries), so that the picking shuffles neither the files' rows nor all of `keys`.
+        only; the keys to pick those files' rows by: the ones that matched, broadcast when few (as a rule: the
+        day's redeliveries), so that the picking shuffles neither the files' rows nor all of `keys`; and whether
+        they are broadcast.
         Each row carries Spark's file URI as it is; only the distinct hits are decoded, here on the driver
         (decoding it in every row, and carrying the decoded form through the join, cost 7x the scan)."""
         columns = [c for c in keys.columns if c not in spec.partition_by]
         if not files or not columns:
-            return list(files), keys
+            return list(files), keys, False
         by_name = {_file_key(f.path): f for f in files}
         scan = (self.spark.read.schema(spec.data_schema).parquet(*[_spark_uri(f.path) for f in files])
                 .select(*columns, F.col("_metadata.file_path").alias("_uri")))
@@ -490,11 +484,11 @@ class RsStorage(DeltaStorage):
         unknown = [n for n in names if n not in by_name]
         if unknown:  # a path spelled differently than the log's: matching rows would be missed, so stop here
             raise StorageError(f"{spec.name}: cannot map scanned files {sorted(unknown)[:3]} back to the Delta log")
-        matched = keys
+        matched, few = keys, False
         if len(columns) == len(keys.columns):
-            found = hits.select(*columns)
-            matched = F.broadcast(found) if sum(r["count"] for r in per_file) <= BROADCAST_KEYS_MAX else found
-        return [by_name[n] for n in sorted(names)], matched
+            few = sum(r["count"] for r in per_file) <= BROADCAST_KEYS_MAX
+            matched = F.broadcast(hits.select(*columns)) if few else hits.select(*columns)
+        return [by_name[n] for n in sorted(names)], matched, few
 
     def _read_files(self, spec: TableSpec, files: list[ActiveFile]) -> DataFrame:
         """Read exactly these files; partition values come from the Delta log, not from folder names."""
@@ -548,7 +542,12 @@ class RsStorage(DeltaStorage):
 
     # -- writing ----------------------------------------------------------------------------------------
     def _write_files(self, spec: TableSpec, parts: list[DataFrame]) -> tuple[str, list]:
-        """Spark writes Parquet files into a fresh folder inside the table; returns it and delta-rs AddActions.
+        """The parts are laid out (`clustered`) each on its own and written in one Spark job, their rows never in
+        one file: a MERGE writes the rows it keeps from rewritten files apart from the rows it upserts, which keeps
+        the table's layout (a file of yesterday's sessions stays one, with tight statistics, instead of growing
+        into one file of the whole history). This rests on Spark's union keeping its children's partitions apart
+        (4.0; test_storage checks it).
+        Spark writes Parquet files into a fresh folder inside the table; returns it and delta-rs AddActions.
         A failed write removes its folder."""
         import pyarrow.parquet as pq
         from deltalake.transaction import AddAction
@@ -556,7 +555,7 @@ class RsStorage(DeltaStorage):
         folder = f"write-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         out = f"{self.location(spec)}/{folder}"
         try:
-            (clustered(spec, *parts).write.mode("error").partitionBy(*spec.partition_by)
+            (functools.reduce(DataFrame.union, parts).write.mode("error").partitionBy(*spec.partition_by)
                 .option("maxRecordsPerFile", self.conf.max_rows_per_file).parquet(_spark_uri(out)))
             fs, base = _filesystem(out)
             adds = []
@@ -697,7 +696,7 @@ class RsStorage(DeltaStorage):
         def note_written(adds):  # the partitions written count as read, as of the snapshot loaded above
             parts = {_partition_key(spec, a.partition_values) for a in adds} if spec.partition_by else None
             pin.note(parts, table.version())
-        return self._write_and_commit(spec, table, pin, [df], before_commit=note_written, txn=txn)
+        return self._write_and_commit(spec, table, pin, [clustered(spec, df)], before_commit=note_written, txn=txn)
 
     def replace_where(self, spec: TableSpec, df: DataFrame, where: WhereValues,
                       txn: AppTxn | None = None) -> CommitResult:
@@ -717,7 +716,7 @@ class RsStorage(DeltaStorage):
         filters = [(c, "in", sorted(vals)) for c, vals in allowed.items()]
         before = [f for f in self._files_of(spec, table)
                   if all(_partition_str(f.partition_values[c]) in allowed[c] for c in allowed)]
-        result = self._write_and_commit(spec, table, pin, [df], before_commit=inside, mode="overwrite",
+        result = self._write_and_commit(spec, table, pin, [clustered(spec, df)], before_commit=inside, mode="overwrite",
                                         partition_filters=filters, txn=txn)
         return CommitResult(result.version, result.files_added, len(before))
 
@@ -746,11 +745,15 @@ class RsStorage(DeltaStorage):
                 column, value = since
                 candidates = [f for f in candidates if f.max_values.get(column) is None
                               or f.max_values[column] >= value]
-            touched = self._files_holding(spec, candidates, src.select(*keys).distinct())
+            # The files' rows whose key matched are the ones replaced: the matched keys are few as a rule, and then
+            # broadcast, so the rows the files keep are not shuffled
+            touched, matched, few = self._key_hits(spec, candidates, src.select(*keys))
             upserts = src if delete_flag is None else src.filter(~F.coalesce(F.col(delete_flag), F.lit(False)))
-            parts = [upserts]
-            if touched:   # the rows these files keep are written apart from the upserts (see `clustered`)
-                parts.append(self._read_files(spec, touched).join(src.select(*keys), keys, "left_anti"))
+            parts = [clustered(spec, upserts)]
+            if touched:   # the rows these files keep are written apart from the upserts (see `_write_files`)
+                kept = self._read_files(spec, touched).join(matched, keys, "left_anti")
+                # past a broadcast join, the kept rows are still one partition to a task: no shuffle to lay them out
+                parts.append(clustered(spec, kept, shuffle=not few))
             result = self._write_and_commit(spec, table, pin, parts, _removes(spec, touched), txn=txn)
             log.info("merge %s: %d files rewritten, %d files added", spec.name, len(touched), result.files_added)
             return result
@@ -767,7 +770,8 @@ class RsStorage(DeltaStorage):
         rows = self._read_files(spec, touched).persist()
         try:
             deleted = rows.join(keys, column, "left_semi").count()
-            self._write_and_commit(spec, table, pin, [rows.join(keys, column, "left_anti")], _removes(spec, touched))
+            self._write_and_commit(spec, table, pin, [clustered(spec, rows.join(keys, column, "left_anti"))],
+                                   _removes(spec, touched))
         finally:
             rows.unpersist()
         return deleted
