@@ -47,6 +47,16 @@ def generate_days(root: Path, n_events: int, days: int = 1) -> tuple[Path, list[
     return raw, [truth["per_day"][(DAY + dt.timedelta(days=d)).isoformat()]["lines"] for d in range(days)]
 
 
+def generate_apart(root: Path, n_events: int, days: int = 1) -> tuple[Path, list[int]]:
+    """generate_days in a child process, before Spark starts: 31 days of 1M events take ~15 GB in the generator,
+    which next to a running 8 GB driver JVM ran a 24 GB host out of memory."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(generate_days, root, n_events, days).result()
+
+
 def run_ebbtide(raw: Path, tables: Path, days: int = 1) -> list:
     """Sessionize DAY.. DAY+days-1 in order into fresh tables; the run reports (seconds, Spark jobs, stages)."""
     from ebbtide.config import load_config
@@ -141,9 +151,12 @@ def main() -> int:
     logging.getLogger("ebbtide.storage").setLevel(logging.WARNING)
     work = Path(args.work)
     sizes = sorted({int(float(s)) for s in args.sizes.split(",")} | {int(float(args.ratio_size))})
+    inputs = {n: generate_apart(work, n) for n in sizes}
+    if args.history_days:
+        generate_apart(work, int(float(args.steady_size)), args.history_days + 1)
     rows = []
     for n in sizes:
-        raw, (lines,) = generate_days(work, n)
+        raw, (lines,) = inputs[n]
         logging.info("size %s: %s raw records in %s", f"{n:,}", f"{lines:,}", raw)
         report, = run_ebbtide(raw, work / f"tables_{n}")
         ebb = report.seconds
