@@ -166,12 +166,12 @@ class ExactTopK:
             cand_s, cand_i = block_top(scores, k)
             # Earlier blocks hold lower indices, so the running list goes first: ties keep the lower index.
             best_s, best_i = ranked(torch.cat([best_s, cand_s], 1), torch.cat([best_i, cand_i + start], 1), k)
-        if self.dtype != torch.float32:
-            return self._rescored(users, best_i.cpu(), torch.isfinite(best_s).cpu())
-        return best_i.cpu(), best_s.cpu()
+        return self._rescored(users, best_i.cpu(), torch.isfinite(best_s).cpu())
 
     def _rescored(self, users: torch.Tensor, idx: torch.Tensor, found: torch.Tensor):
-        """Half-precision products chose the items; their stored scores are float32 dot products, re-ranked."""
+        """The block products chose the items; their scores are re-computed by `exact_scores` and re-ranked. A
+        product's last bit depends on where a user sits in its batch (the matrix kernel's tiles), and a half-precision
+        one is coarser still: the written scores must not depend on which users shared a batch."""
         scores = exact_scores(users.float().cpu(), self.items, idx.clamp(min=0), self.budget)
         scores[~found] = -torch.inf
         scores, idx = ranked(scores, torch.where(found, idx, -1), self.k)
@@ -179,15 +179,17 @@ class ExactTopK:
 
 
 def exact_scores(users: torch.Tensor, items: torch.Tensor, idx: torch.Tensor, budget_bytes: int) -> torch.Tensor:
-    """float32 dot products of each user with their candidate items (n, c), gathered a slice of users at a time
-    so the gathered vectors stay within the budget."""
+    """Dot products of each user with their candidate items (n, c), gathered a slice of users at a time so the
+    gathered vectors stay within the budget. Accumulated in float64 and rounded to float32 once: a user's score is
+    then the same whatever batch it was computed in (float32 products of float32 vectors are exact in float64)."""
     n, c = idx.shape
     rows = max(1, budget_bytes // max(c * items.shape[1] * 4, 1))
     out = torch.empty((n, c), dtype=torch.float32)
     for start in range(0, n, rows):
         part = idx[start:start + rows]
         vectors = items.index_select(0, part.flatten()).view(len(part), c, -1)   # index_select: 2x faster than items[part]
-        out[start:start + rows] = torch.bmm(vectors, users[start:start + rows].unsqueeze(2)).squeeze(2)
+        out[start:start + rows] = torch.bmm(vectors.double(),
+                                            users[start:start + rows].double().unsqueeze(2)).squeeze(2)
     return out
 
 
@@ -241,7 +243,7 @@ def write_ann_index(index, path: Path) -> Path:
 
 class AnnTopK:
     """Approximate top-K: the index proposes rerank*k + (the batch's largest number of excluded indexed items)
-    candidates per user, probing `nprobe` lists; candidates are re-scored exactly in float32, excluded ones
+    candidates per user, probing `nprobe` lists; candidates are re-scored exactly (`exact_scores`), excluded ones
     dropped, and ranked by the rule. Over-fetching by the exclusions means filtering can only leave a row short
     when its probed lists held too few allowed items; such rows (counted in `fallbacks`) get the exact top-K, so
     every user still gets k items."""
