@@ -183,7 +183,7 @@ def exact_scores(users: torch.Tensor, items: torch.Tensor, idx: torch.Tensor, bu
     gathered vectors stay within the budget. Accumulated in float64 and rounded to float32 once: a user's score is
     then the same whatever batch it was computed in (float32 products of float32 vectors are exact in float64)."""
     n, c = idx.shape
-    rows = max(1, budget_bytes // max(c * items.shape[1] * 4, 1))
+    rows = max(1, budget_bytes // max(c * items.shape[1] * 12, 1))   # the float32 gather + its float64 copy
     out = torch.empty((n, c), dtype=torch.float32)
     for start in range(0, n, rows):
         part = idx[start:start + rows]
