@@ -59,10 +59,13 @@ def _stage(df: DataFrame) -> DataFrame:
 
 
 @contextmanager
-def _phase(name: str, run_date: dt.date):
+def _phase(spark: SparkSession, name: str, run_date: dt.date):
+    """Log a phase's wall time and the Spark jobs it ran (where Spark lets them be counted)."""
     started = time.perf_counter()
-    yield
-    log.info("sessionize %s: %s took %.1fs", run_date, name, time.perf_counter() - started)
+    with count_spark_jobs(spark) as count:
+        yield
+    jobs = "" if count.jobs is None else f", {count.jobs} Spark jobs"
+    log.info("sessionize %s: %s took %.1fs%s", run_date, name, time.perf_counter() - started, jobs)
 
 
 class ReconciliationError(RuntimeError):
@@ -248,7 +251,7 @@ class Sessionizer:
         with count_spark_jobs(self.spark) as count:
             with self.storage.job("sessionize", run_date.isoformat(), [self.specs[n] for n in WRITES]):
                 self._process(run_date, report, AppTxn(sessionize_app_id(run_date), int(started)))
-            with _phase("verify", run_date):   # bookkeeping, from the tables as committed
+            with _phase(self.spark, "verify", run_date):   # bookkeeping, from the tables as committed
                 self._count_written(run_date, report)
         report.seconds, report.spark_jobs, report.spark_stages = time.time() - started, count.jobs, count.stages
         report.check()
@@ -258,7 +261,7 @@ class Sessionizer:
     def _process(self, run_date: dt.date, report: RunReport, txn: AppTxn) -> None:
         typed = typed_events(read_raw(self.spark, self.conf, run_date), self.conf, run_date)
         try:
-            with _phase("read and validate", run_date):
+            with _phase(self.spark, "read and validate", run_date):
                 try:
                     typed = _stage(typed)
                     report.read = typed.count()
@@ -269,17 +272,17 @@ class Sessionizer:
                 raise InputError(f"no records in {input_folder(self.conf, run_date)}: refusing to replace the "
                                  f"data of {run_date} with nothing (set sessionize.allow_empty_input=true if the "
                                  "day really is empty); nothing was written")
-            with _phase("quarantine", run_date):
+            with _phase(self.spark, "quarantine", run_date):
                 self._write_quarantine(typed, run_date, txn)
-            with _phase("plan", run_date):
+            with _phase(self.spark, "plan", run_date):
                 plan = self._plan(typed, run_date, report)
             try:
                 if plan.dates:
-                    with _phase("item counts and vocab", run_date):
+                    with _phase(self.spark, "item counts and vocab", run_date):
                         self._update_item_counts(plan, txn)
-                    with _phase("sessions and sequences", run_date):
+                    with _phase(self.spark, "sessions and sequences", run_date):
                         self._update_users(plan, run_date, report, txn)
-                with _phase("events", run_date):
+                with _phase(self.spark, "events", run_date):
                     self._write_events(plan, txn)
             finally:
                 plan.release()
@@ -461,7 +464,7 @@ class Sessionizer:
                 "user_id", "user_bucket",
                 F.date_trunc("second", F.when(F.col("p").isNotNull() & continues, F.col("p.chain_start_ts"))
                              .otherwise(F.col("t0"))).alias("from_ts"))).persist(MEMORY_AND_DISK)
-            with _phase("  affected users", run_date):   # one pass, which also fills the cache
+            with _phase(self.spark, "  affected users", run_date):   # one pass, which also fills the cache
                 # the date as events' partitions name it (Spark's session zone): a collected timestamp would be
                 # in the driver's local zone, a day off east of UTC
                 users = starts.agg(F.count("*").alias("n"), F.to_date(F.min("from_ts")).alias("first_day"),
@@ -475,7 +478,7 @@ class Sessionizer:
             window = sorted(d for d in set(existing) | set(plan.dates) if d >= users["first_day"])
             points = _few(starts.select("user_id", "from_ts"), users["n"])
             recent = self._events_after(plan, window).join(points, "user_id").where(F.col("ts") >= F.col("from_ts"))
-            with _phase("  cut sessions", run_date):
+            with _phase(self.spark, "  cut sessions", run_date):
                 cut = _stage(sessionize_events(recent, gap_us, max_us))
             try:
                 new_sessions = session_rows(cut, n_buckets)
@@ -485,12 +488,12 @@ class Sessionizer:
                          .join(new_sessions.select("user_id", "session_id"), ["user_id", "session_id"], "left_anti")
                          .select(*specs["sessions"].columns, F.lit(True).alias("_delete")))
                 upserts = new_sessions.withColumn("_delete", F.lit(False)).unionByName(stale)
-                with _phase("  sessions merge", run_date):
+                with _phase(self.spark, "  sessions merge", run_date):
                     self.storage.merge(specs["sessions"], upserts, delete_flag="_delete", txn=txn,
                                        since=("start_ts", since))
-                with _phase("  sessions count", run_date):
+                with _phase(self.spark, "  sessions count", run_date):
                     report.sessions_written = new_sessions.count()
-                with _phase("  sequences", run_date):
+                with _phase(self.spark, "  sequences", run_date):
                     self._update_sequences(plan, cut, starts, points, sessions, buckets, existing, txn)
             finally:
                 cut.unpersist()
@@ -505,7 +508,8 @@ class Sessionizer:
         the user's events in `events`, whatever happened to earlier runs."""
         conf, spec = self.conf, self.specs["user_sequences"]
         previous = self.storage.read(spec, where={"user_bucket": buckets})
-        stored = _stored_before(previous.join(points, "user_id"))
+        # cached: the counters below and the rows both need it, and it is most of the table on a later day
+        stored = _stored_before(previous.join(points, "user_id")).persist(MEMORY_AND_DISK)
         before = (sessions.join(points, "user_id").where(F.col("start_ts") < F.col("from_ts")).groupBy("user_id")
                   .agg(F.sum("n_events").alias("n_before"), F.min("start_ts").alias("first_before"),
                        F.max("end_ts").alias("last_before")))
@@ -520,18 +524,19 @@ class Sessionizer:
             # away (a corrected input): those users are rebuilt from their whole history.
             short = stats.where(F.col("n_stored") < F.least(
                 "n_before", F.greatest(F.lit(conf.max_len) - F.col("n_fresh"), F.lit(0)))).select("user_id")
-            fresh_cut = cut
+            fresh_cut, kept = cut, stored
             if not short.isEmpty():
                 every_day = sorted(set(existing) | set(plan.dates))
                 history = self._events_after(plan, every_day).join(short, "user_id", "left_semi")
                 gap_us, max_us = int(conf.session_gap_minutes * 60e6), int(conf.max_session_minutes * 60e6)
                 fresh_cut = cut.join(short, "user_id", "left_anti").unionByName(
                     sessionize_events(history, gap_us, max_us), allowMissingColumns=True)
-                stored = stored.join(short, "user_id", "left_anti")
-            rows = self._sequence_rows(stored, fresh_cut, stats)
+                kept = stored.join(short, "user_id", "left_anti")
+            rows = self._sequence_rows(kept, fresh_cut, stats)
             self.storage.merge(spec, rows, delete_flag="_delete", txn=txn)
         finally:
             stats.unpersist()
+            stored.unpersist()
 
     def _sequence_rows(self, stored: DataFrame, cut: DataFrame, stats: DataFrame) -> DataFrame:
         """Each user's window: the stored entries before the recompute point, then the fresh events in (ts,
