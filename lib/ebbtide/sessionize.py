@@ -64,8 +64,9 @@ def _phase(spark: SparkSession, name: str, run_date: dt.date):
     started = time.perf_counter()
     with count_spark_jobs(spark) as count:
         yield
+        took = time.perf_counter() - started   # the phase's own time, before the listener bus is waited for
     jobs = "" if count.jobs is None else f", {count.jobs} Spark jobs"
-    log.info("sessionize %s: %s took %.1fs%s", run_date, name, time.perf_counter() - started, jobs)
+    log.info("sessionize %s: %s took %.1fs%s", run_date, name, took, jobs)
 
 
 class ReconciliationError(RuntimeError):
@@ -508,40 +509,44 @@ class Sessionizer:
         the user's events in `events`, whatever happened to earlier runs."""
         conf, spec = self.conf, self.specs["user_sequences"]
         previous = self.storage.read(spec, where={"user_bucket": buckets})
-        # cached: the counters below and the rows both need it, and it is most of the table on a later day
+        # cached: the short-history check (n_stored) and the rows both read it, and on a later day it is most of
+        # the table
         stored = _stored_before(previous.join(points, "user_id")).persist(MEMORY_AND_DISK)
-        before = (sessions.join(points, "user_id").where(F.col("start_ts") < F.col("from_ts")).groupBy("user_id")
-                  .agg(F.sum("n_events").alias("n_before"), F.min("start_ts").alias("first_before"),
-                       F.max("end_ts").alias("last_before")))
-        fresh_stats = cut.groupBy("user_id").agg(F.count("*").alias("n_fresh"), F.min("ts").alias("first_fresh"),
-                                                 F.max("ts").alias("last_fresh"))
-        stats = (starts.select("user_id", "user_bucket").join(before, "user_id", "left")
-                 .join(fresh_stats, "user_id", "left")
-                 .join(stored.select("user_id", F.size("_stored").alias("n_stored")), "user_id", "left")
-                 .fillna(0, ["n_before", "n_fresh", "n_stored"])).persist(MEMORY_AND_DISK)
+        stats = None
         try:
+            before = (sessions.join(points, "user_id").where(F.col("start_ts") < F.col("from_ts"))
+                      .groupBy("user_id").agg(F.sum("n_events").alias("n_before"),
+                                              F.min("start_ts").alias("first_before"),
+                                              F.max("end_ts").alias("last_before")))
+            fresh_stats = cut.groupBy("user_id").agg(F.count("*").alias("n_fresh"),
+                                                     F.min("ts").alias("first_fresh"), F.max("ts").alias("last_fresh"))
+            stats = (starts.select("user_id", "user_bucket").join(before, "user_id", "left")
+                     .join(fresh_stats, "user_id", "left")
+                     .join(stored.select("user_id", F.size("_stored").alias("n_stored")), "user_id", "left")
+                     .fillna(0, ["n_before", "n_fresh", "n_stored"])).persist(MEMORY_AND_DISK)
             # A window can hold fewer earlier entries than it needs when events after the recompute point went
             # away (a corrected input): those users are rebuilt from their whole history.
             short = stats.where(F.col("n_stored") < F.least(
                 "n_before", F.greatest(F.lit(conf.max_len) - F.col("n_fresh"), F.lit(0)))).select("user_id")
-            fresh_cut, kept = cut, stored
+            fresh_cut, carried = cut, stored
             if not short.isEmpty():
                 every_day = sorted(set(existing) | set(plan.dates))
                 history = self._events_after(plan, every_day).join(short, "user_id", "left_semi")
                 gap_us, max_us = int(conf.session_gap_minutes * 60e6), int(conf.max_session_minutes * 60e6)
                 fresh_cut = cut.join(short, "user_id", "left_anti").unionByName(
                     sessionize_events(history, gap_us, max_us), allowMissingColumns=True)
-                kept = stored.join(short, "user_id", "left_anti")
-            rows = self._sequence_rows(kept, fresh_cut, stats)
+                carried = stored.join(short, "user_id", "left_anti")
+            rows = self._sequence_rows(carried, fresh_cut, stats)
             self.storage.merge(spec, rows, delete_flag="_delete", txn=txn)
         finally:
-            stats.unpersist()
+            if stats is not None:
+                stats.unpersist()
             stored.unpersist()
 
-    def _sequence_rows(self, stored: DataFrame, cut: DataFrame, stats: DataFrame) -> DataFrame:
-        """Each user's window: the stored entries before the recompute point, then the fresh events in (ts,
-        event_id) order, of which the last max_len are kept. Array functions on one row per user: the stored
-        entries are never exploded or sorted again."""
+    def _sequence_rows(self, carried: DataFrame, cut: DataFrame, stats: DataFrame) -> DataFrame:
+        """Each user's window: the stored entries carried over (those before the recompute point), then the fresh
+        events in (ts, event_id) order, of which the last max_len are kept. Array functions on one row per user:
+        the stored entries are never exploded or sorted again."""
         conf = self.conf
         vocab = self.storage.read(self.specs["item_vocab"]).select("item_id", "item_idx")
         type_codes = F.array(*[F.lit(t) for t in conf.event_types])
@@ -561,7 +566,7 @@ class Sessionizer:
         new = F.transform(F.coalesce(F.col("_fresh"), F.array()), lambda e: F.struct(
             *[(e[c] + offset).alias(c) if c == "session_idx" else e[c].alias(c) for c in SEQUENCE_ENTRY]))
         both = F.concat(old, new)
-        window = (stats.join(stored, "user_id", "left").join(fresh, "user_id", "left")
+        window = (stats.join(carried, "user_id", "left").join(fresh, "user_id", "left")
                   .withColumn("_w", F.slice(both, F.greatest(F.size(both) - conf.max_len + 1, F.lit(1)),
                                             conf.max_len)))
         # session_idx counts sessions inside the window: 0 is the oldest one the window (partly) holds. _w is
@@ -584,8 +589,8 @@ def _stored_before(old: DataFrame) -> DataFrame:
     """Each user's stored entries before the recompute point, in order, as one array of entries, and the number
     the next session gets (computed here, below a join, so that Spark does not inline it into a per-entry lambda)."""
     entries = F.arrays_zip(*[F.col(c) for c in SEQUENCE_ENTRY])
-    kept = old.select("user_id", F.filter(entries, lambda e: e["ts"] < F.unix_seconds("from_ts")).alias("_stored"))
-    return kept.withColumn("_next_session", F.array_max(F.transform("_stored", _field("session_idx"))) + 1)
+    before = old.select("user_id", F.filter(entries, lambda e: e["ts"] < F.unix_seconds("from_ts")).alias("_stored"))
+    return before.withColumn("_next_session", F.array_max(F.transform("_stored", _field("session_idx"))) + 1)
 
 
 def _few(users: DataFrame, n: int) -> DataFrame:

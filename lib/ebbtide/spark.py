@@ -216,15 +216,15 @@ def _jobs_and_stages(sc, tag: str) -> tuple[int | None, int | None]:
         jsc = sc._jsc.sc()
         jsc.listenerBus().waitUntilEmpty(10_000)   # the tracker is fed asynchronously by the listener bus
         jobs = list(jsc.statusTracker().getJobIdsForTag(tag))
-    except Exception as err:
+        tracker, stages = sc.statusTracker(), set()
+        for job in jobs:
+            info = tracker.getJobInfo(job)
+            for stage_id in (info.stageIds if info else []):
+                stage = tracker.getStageInfo(stage_id)
+                # a stage whose shuffle output already existed is listed but skipped: none of its tasks ran
+                if stage and (stage.numCompletedTasks > 0 or stage.numTasks == 0):
+                    stages.add(stage_id)
+    except Exception as err:   # runs in a finally: never mask the block's own error
         log.debug("Spark jobs not countable here: %s", err)
         return None, None
-    tracker, stages = sc.statusTracker(), set()
-    for job in jobs:
-        info = tracker.getJobInfo(job)
-        for stage_id in (info.stageIds if info else []):
-            stage = tracker.getStageInfo(stage_id)
-            # a stage whose shuffle output already existed is listed but skipped: none of its tasks ran
-            if stage and (stage.numCompletedTasks > 0 or stage.numTasks == 0):
-                stages.add(stage_id)
     return len(jobs), len(stages)
