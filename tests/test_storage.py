@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -9,7 +10,7 @@ import os
 import pytest
 from ebbtide import faults
 from ebbtide.storage import AppTxn, RsStorage, StorageError, TableConflictError, open_storage
-from ebbtide.tables import TableSpec
+from ebbtide.tables import TableSpec, table_specs
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -415,3 +416,30 @@ def test_file_statistics_are_never_narrower_than_the_data():
     t = dt.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
     ts = _parquet_stats(_Meta([(_Stats(t, t), 1)]))
     assert ts["minValues"]["c"] == "2026-01-01T12:00:00.123Z" and ts["maxValues"]["c"] == "2026-01-01T12:00:00.124Z"
+
+
+def test_a_partition_value_with_many_rows_is_written_by_many_tasks_and_a_small_one_by_one(spark, make_config):
+    """quarantine: a run writes one run_date, so the shuffle by partition alone sent a day whose input was all bad
+    to one task. Its rows are spread by hash; adaptive execution still coalesces a small day into one file."""
+    cfg = make_config()
+    spec = table_specs(cfg)["quarantine"]
+    store = open_storage(spark, cfg.storage)
+    store.ensure(spec)
+    bad = spark.range(2000).select(
+        F.concat(F.lit("junk "), F.col("id").cast("string")).alias("raw"), F.lit("unparseable_record").alias("reason"),
+        F.lit("no JSON").alias("message"), F.lit("f.json").alias("source_file"), F.lit(D1).alias("run_date"),
+        F.lit(6).cast("long").alias("raw_chars"), F.sha2(F.col("id").cast("string"), 256).alias("raw_sha256"),
+        F.lit(None).cast("string").alias("user_id"))
+
+    def files_written(table_spec, coalesce):
+        spark.conf.set("spark.sql.adaptive.coalescePartitions.enabled", str(coalesce).lower())
+        try:
+            store.replace_where(table_spec, bad, {"run_date": [D1]})
+        finally:
+            spark.conf.unset("spark.sql.adaptive.coalescePartitions.enabled")
+        assert store.read(table_spec).count() == 2000
+        return len(store.active_files(table_spec))
+
+    assert files_written(spec, coalesce=False) == 4            # one per shuffle partition (4 in these tests)
+    assert files_written(dataclasses.replace(spec, spread_by=()), coalesce=False) == 1
+    assert files_written(spec, coalesce=True) == 1             # small: no heap of tiny files

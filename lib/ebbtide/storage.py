@@ -132,7 +132,7 @@ def clustered(spec: TableSpec, df: DataFrame, shuffle: bool = True) -> DataFrame
     if spec.max_files:
         out = out.coalesce(spec.max_files)
     if shuffle and spec.shuffle_by_partition and spec.partition_by:
-        out = out.repartition(*spec.partition_by)
+        out = out.repartition(*spec.partition_by, *spec.spread_by)
     if spec.sort_by:
         out = out.sortWithinPartitions(*spec.partition_by, *spec.sort_by)
     return out

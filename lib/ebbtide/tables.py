@@ -22,6 +22,10 @@ class TableSpec:
     sort_by: tuple[str, ...] = ()
     # Shuffle by the partition columns before writing (one file per partition per task otherwise).
     shuffle_by_partition: bool = False
+    # Hashed into that shuffle too, so the rows of one partition value spread over tasks instead of all going to
+    # one; adaptive execution coalesces what is small back into one file. Only for tables with no sort order to
+    # keep: spreading by hash would widen every file's key range.
+    spread_by: tuple[str, ...] = ()
     # Cap on files per write for small unpartitioned tables (None: one file per task).
     max_files: int | None = None
     properties: dict[str, str] = field(default_factory=dict)
@@ -153,8 +157,9 @@ def table_specs(cfg: Config) -> dict[str, TableSpec]:
         "event_redeliveries": TableSpec(t.event_redeliveries, EVENTS_SCHEMA, ("ingest_date",),
                                         ("event_id", "ingest_date"), sort_by=("event_id",),
                                         properties=dict(COMMON_PROPERTIES)),
+        # A run writes one run_date: without spreading, one task wrote a day whose input was all bad.
         "quarantine": TableSpec(t.quarantine, QUARANTINE_SCHEMA, ("run_date",), shuffle_by_partition=True,
-                                properties=dict(COMMON_PROPERTIES)),
+                                spread_by=("raw_sha256",), properties=dict(COMMON_PROPERTIES)),
         "sessions": TableSpec(t.sessions, SESSIONS_SCHEMA, ("user_bucket",), ("user_id", "session_id"),
                               sort_by=("user_id", "start_ts"), shuffle_by_partition=True,
                               properties=bucket_props),
